@@ -1,0 +1,3 @@
+from fwdproxy.cli import main
+
+raise SystemExit(main())

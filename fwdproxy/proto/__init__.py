@@ -1,0 +1,1 @@
+"""Sans-IO protocol parsers: bytes in, typed events or ProtocolError out."""
