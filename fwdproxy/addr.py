@@ -1,0 +1,114 @@
+"""Host and host:port parsing and normalisation (pure).
+
+Every name is normalised once, at the edge, so that the rule engine can compare strings:
+lower case, no trailing dot, IDNA (punycode) for non-ASCII names, IPv6 without brackets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Final
+
+_LABEL_OK: Final = re.compile(r"^[a-z0-9_*](?:[a-z0-9_\-*]{0,61}[a-z0-9_*])?$")
+MAX_HOST_LEN: Final = 253
+
+
+class AddressError(ValueError):
+    """A host or host:port that cannot be used as a target."""
+
+
+def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address if `host` is an IP literal (already unbracketed), else None."""
+    if not host or (host[0] not in "0123456789abcdef:" and "." not in host):
+        return None
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def normalise_host(host: str) -> str:
+    """Lower-case, strip one trailing dot and IPv6 brackets, IDNA-encode; raise AddressError."""
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if not h:
+        raise AddressError("empty host name")
+    if ":" in h:
+        try:
+            return str(ipaddress.IPv6Address(h.split("%", 1)[0]))
+        except ValueError:
+            raise AddressError(f"invalid IPv6 address {host!r}") from None
+    if h.endswith("."):
+        h = h[:-1]
+    h = h.lower()
+    if not h.isascii():
+        try:
+            h = h.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise AddressError(f"host name {host!r} is not valid IDNA") from None
+    if len(h) > MAX_HOST_LEN:
+        raise AddressError(f"host name longer than {MAX_HOST_LEN} characters")
+    ip = ip_of(h)
+    if ip is not None:
+        return str(ip)
+    for label in h.split("."):
+        if not _LABEL_OK.match(label):
+            raise AddressError(f"invalid host name {host!r}")
+    return h
+
+
+def parse_port(text: str) -> int:
+    """A TCP port 1..65535 from text."""
+    if not text.isdigit() or len(text) > 5:
+        raise AddressError(f"invalid port {text!r}")
+    port = int(text)
+    if not 0 < port < 65536:
+        raise AddressError(f"port {port} out of range 1-65535")
+    return port
+
+
+def split_host_port(authority: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split `host:port`, `[v6]:port` or (with a default) a bare host; normalise the host."""
+    a = authority.strip()
+    if a.startswith("["):
+        end = a.find("]")
+        if end < 0:
+            raise AddressError(f"unterminated IPv6 literal in {authority!r}")
+        host, rest = a[1:end], a[end + 1 :]
+        if rest.startswith(":"):
+            return normalise_host(host), parse_port(rest[1:])
+        if rest:
+            raise AddressError(f"garbage after IPv6 literal in {authority!r}")
+        if default_port is None:
+            raise AddressError(f"missing port in {authority!r}")
+        return normalise_host(host), default_port
+    if a.count(":") == 1:
+        host, port = a.rsplit(":", 1)
+        return normalise_host(host), parse_port(port)
+    if a.count(":") > 1:
+        # A bare IPv6 literal without brackets: only valid with a default port.
+        if default_port is None:
+            raise AddressError(f"IPv6 literal {authority!r} needs [brackets]:port")
+        return normalise_host(a), default_port
+    if default_port is None:
+        raise AddressError(f"missing port in {authority!r}")
+    return normalise_host(a), default_port
+
+
+def format_host_port(host: str, port: int) -> str:
+    """`host:port`, with IPv6 literals bracketed."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback literals and the name `localhost` (and its subdomains, RFC 6761)."""
+    ip = ip_of(host)
+    if ip is not None:
+        return ip.is_loopback or (
+            isinstance(ip, ipaddress.IPv6Address)
+            and ip.ipv4_mapped is not None
+            and ip.ipv4_mapped.is_loopback
+        )
+    return host == "localhost" or host.endswith(".localhost")

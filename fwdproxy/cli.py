@@ -1,0 +1,437 @@
+"""Command line: `fwdproxy serve | check | route | explain | discover | gen | doctor | reload`.
+
+Imports are lazy: `fwdproxy route HOST` must answer without loading the server stack (aiohttp,
+h11, python-socks), because operators run it interactively and in scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from fwdproxy import __version__
+
+EPILOG_MAIN = """\
+examples:
+  fwdproxy serve                                  # shipped rules.yaml, 127.0.0.1:3128
+  fwdproxy serve -c /etc/fwdproxy/rules.yaml --upstream socks5://127.0.0.1:7890
+  fwdproxy check -c rules.yaml                    # validate; every error with file:line
+  fwdproxy route registry-1.docker.io             # which rule routes this host, and where
+  fwdproxy explain nginx:1.27                     # every host a pull touches, and its route
+  fwdproxy discover dockerhub                     # live check of a registry's redirect hosts
+  fwdproxy gen docker-dropin --write              # point dockerd at fwdproxy
+  HTTPS_PROXY=http://127.0.0.1:3128 skopeo inspect docker://nginx
+
+Docs: README.md (Quick start, Configuration, Production).
+"""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="rules file (default: ./rules.yaml, the shipped rules.yaml, /etc/fwdproxy/rules.yaml)",
+    )
+
+
+def _load(args: argparse.Namespace, **kw: Any) -> Any:
+    from fwdproxy.config import load_config
+
+    return load_config(args.config, **kw)
+
+
+def _print_problems(problems: list[str]) -> None:
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fwdproxy.errors import ConfigError
+    from fwdproxy.logsetup import setup_logging
+
+    overrides = {"upstream_override": args.upstream, "listen_override": args.listen or None}
+    try:
+        cfg = _load(args, **overrides)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return 1
+    setup_logging(args.log_level or cfg.log_level, args.log_format or cfg.log_format)
+    _warn_config(cfg)
+    from fwdproxy.config import load_config
+    from fwdproxy.server import serve
+
+    def reload_source() -> Any:
+        return load_config(cfg.path, **overrides)
+
+    _install_loop(args.loop)
+    try:
+        return asyncio.run(
+            serve(
+                cfg,
+                allow_any_client=args.allow_any_client,
+                pid_file=args.pid_file,
+                reload_source=reload_source,
+            )
+        )
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return 1
+    except OSError as e:
+        print(f"error: cannot listen: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _install_loop(choice: str) -> None:
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            if choice == "uvloop":
+                print(
+                    "error: --loop uvloop needs the uvloop package (pip install 'fwdproxy[fast]')",
+                    file=sys.stderr,
+                )
+                raise SystemExit(1) from None
+
+
+def _warn_config(cfg: Any) -> list[str]:
+    warnings = []
+    for group in cfg.upstreams.values():
+        for m in group.members:
+            if m.scheme == "socks4":
+                warnings.append(
+                    f"upstream {m.name}: socks4:// cannot carry host names, so names are resolved "
+                    "locally; use socks4a:// or socks5:// to resolve at the upstream"
+                )
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return warnings
+
+
+# -- check / route -------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from fwdproxy.errors import ConfigError
+    from fwdproxy.server import check_exposure
+
+    try:
+        cfg = _load(args, upstream_override=args.upstream)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        print(f"{len(e.problems)} problem(s) found", file=sys.stderr)
+        return 1
+    problems = check_exposure(cfg)
+    if problems:
+        _print_problems(problems)
+        return 1
+    _warn_config(cfg)
+    ups = ", ".join(f"{n}={'/'.join(m.url for m in g.members)}" for n, g in cfg.upstreams.items())
+    print(f"{cfg.path}: OK")
+    print(f"  listen:    {', '.join(lst.address for lst in cfg.listeners)}")
+    print(f"  upstreams: {ups or 'none'}")
+    print(f"  rules:     {len(cfg.router.rules)} (default: {cfg.router.default.route})")
+    print(f"  registries in catalog: {len(cfg.catalog)}")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    import json
+
+    from fwdproxy.addr import AddressError, format_host_port, split_host_port
+    from fwdproxy.errors import ConfigError
+
+    try:
+        cfg = _load(args, upstream_override=args.upstream)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return 1
+    status = 0
+    for target in args.targets:
+        try:
+            host, port = split_host_port(_strip_url(target), args.port)
+        except AddressError as e:
+            print(f"error: {target}: {e}", file=sys.stderr)
+            status = 1
+            continue
+        d = cfg.router.decide(host, port)
+        if args.json:
+            print(json.dumps(route_json(cfg, host, port, d)))
+            continue
+        up = ""
+        if d.action == "via" and d.upstream in cfg.upstreams:
+            up = " (" + ", ".join(m.url for m in cfg.upstreams[d.upstream].members) + ")"
+        verb = f"via {d.upstream}{up}" if d.action == "via" else d.action
+        print(f"{format_host_port(host, port)} -> {verb}")
+        line = f" (line {d.line})" if d.line else ""
+        print(f"  rule:     {d.rule}{line}" + (f" matched {d.matched}" if d.matched else ""))
+        if d.registry:
+            print(f"  registry: {d.registry} ({d.role})")
+    return status
+
+
+def route_json(cfg: Any, host: str, port: int, d: Any) -> dict[str, Any]:
+    """The dry-run decision as JSON (shared by `route --json` and the admin API)."""
+    out: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "action": d.action,
+        "route": d.route,
+        "upstream": d.upstream,
+        "rule": d.rule,
+        "line": d.line,
+        "matched": d.matched,
+        "registry": d.registry,
+        "role": d.role,
+    }
+    if d.action == "via" and d.upstream in cfg.upstreams:
+        out["members"] = [m.url for m in cfg.upstreams[d.upstream].members]
+    return out
+
+
+def _strip_url(target: str) -> str:
+    """Accept `https://host/path` and `docker://host/x` too: keep only the authority."""
+    if "://" in target:
+        scheme, _, rest = target.partition("://")
+        authority = rest.split("/", 1)[0]
+        if ":" not in authority.rsplit("]", 1)[-1]:
+            authority += ":80" if scheme == "http" else ":443"
+        return authority
+    return target
+
+
+# -- explain / reload ---------------------------------------------------------------------
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from fwdproxy.errors import ConfigError
+    from fwdproxy.explain import explain, explanation_json, format_explanation
+    from fwdproxy.imageref import ImageRefError
+
+    try:
+        cfg = _load(args, upstream_override=args.upstream)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return 1
+    status = 0
+    for image in args.images:
+        try:
+            e = explain(image, cfg.router, dict(cfg.catalog))
+        except ImageRefError as err:
+            print(f"error: {image}: {err}", file=sys.stderr)
+            status = 2
+            continue
+        if args.json:
+            print(json.dumps(explanation_json(e)))
+        else:
+            print(format_explanation(e))
+        if e.split:
+            status = max(status, 1)
+    return status
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    import signal
+
+    if args.admin:
+        return _reload_via_admin(args.admin, args.token)
+    try:
+        with open(args.pid_file) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot signal the proxy via {args.pid_file}: {e}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to {pid}; the log says whether the new config was applied")
+    return 0
+
+
+def _reload_via_admin(addr: str, token: str | None) -> int:
+    import json
+    import urllib.request
+
+    url = addr if "://" in addr else f"http://{addr}"
+    req = urllib.request.Request(url.rstrip("/") + "/api/reload", method="POST")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read() or b"{}")
+    except OSError as e:
+        body = {}
+        err_body = getattr(e, "read", None)
+        if err_body is not None:
+            try:
+                body = json.loads(err_body())
+            except ValueError:
+                pass
+        if not body:
+            print(f"error: admin endpoint {url}: {e}", file=sys.stderr)
+            return 1
+    for p in body.get("problems", []):
+        print(f"error: {p}", file=sys.stderr)
+    print("reloaded" if body.get("ok") else "reload rejected; the old config stays in force")
+    return 0 if body.get("ok") else 1
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fwdproxy",
+        description="Split-routing forward proxy for container hosts: registry traffic through an "
+        "upstream tunnel, everything else direct. One port speaks HTTP CONNECT, plain HTTP "
+        "and SOCKS5/SOCKS4.",
+        epilog=EPILOG_MAIN,
+        formatter_class=_formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fwdproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        formatter_class=_formatter,
+        description="Run the proxy in the foreground (logs to stderr; SIGHUP reloads the "
+        "rules, SIGTERM drains and exits).",
+        epilog="""examples:
+  fwdproxy serve
+  fwdproxy serve -c rules.yaml --listen 127.0.0.1:3128 --upstream socks5://127.0.0.1:7890
+  fwdproxy serve --listen 172.17.0.1:3128     # refused unless rules.yaml has allow: or auth:
+  FWDPROXY_UPSTREAM=http://10.0.0.5:8080 fwdproxy serve
+""",
+    )
+    _add_config_arg(p)
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen address (repeatable; overrides listen: in the config)",
+    )
+    p.add_argument(
+        "--upstream",
+        metavar="[NAME=]URL",
+        help="replace an upstream's URL (default: the first one); also "
+        "$FWDPROXY_UPSTREAM. socks5://, socks5h://, socks4a://, socks4://, http://",
+    )
+    p.add_argument(
+        "--allow-any-client",
+        action="store_true",
+        help="allow a non-loopback listener without allow-list or auth (open proxy!)",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--pid-file", metavar="FILE", help="write the PID here (for `fwdproxy reload`)")
+    p.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="event loop (auto: uvloop when installed)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "check",
+        help="validate a config file",
+        formatter_class=_formatter,
+        description="Validate the config: every problem is printed with file:line; exit 1 if any.",
+        epilog="examples:\n  fwdproxy check\n  fwdproxy check -c /etc/fwdproxy/rules.yaml\n",
+    )
+    _add_config_arg(p)
+    p.add_argument("--upstream", metavar="[NAME=]URL", help="as for serve")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "route",
+        help="dry run: which rule routes HOST, and where",
+        formatter_class=_formatter,
+        description="Print the routing decision for each target without connecting anywhere.",
+        epilog="""examples:
+  fwdproxy route registry-1.docker.io
+  fwdproxy route production.cloudflare.docker.com:443 10.1.2.3:80
+  fwdproxy route https://ghcr.io/v2/ --json
+""",
+    )
+    _add_config_arg(p)
+    p.add_argument("targets", nargs="+", metavar="HOST[:PORT]")
+    p.add_argument("-p", "--port", type=int, default=443, help="port when none is given (443)")
+    p.add_argument("--upstream", metavar="[NAME=]URL", help="as for serve")
+    p.add_argument("--json", action="store_true", help="one JSON object per target")
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser(
+        "explain",
+        help="every host a pull of IMAGE touches, and its route",
+        formatter_class=_formatter,
+        description="Normalise an image reference like docker/containerd do and list the API, "
+        "token and blob hosts its pull touches, with the rule and route of each. Offline. "
+        "Exit 1 when the pull would be split (API tunnelled, some other host not).",
+        epilog="""examples:
+  fwdproxy explain nginx
+  fwdproxy explain ghcr.io/org/app@sha256:0123...
+  fwdproxy explain registry.k8s.io/pause:3.10 localhost:5000/x --json
+""",
+    )
+    _add_config_arg(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--upstream", metavar="[NAME=]URL", help="as for serve")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "reload",
+        help="ask a running proxy to reload its config",
+        formatter_class=_formatter,
+        description="Signal the running proxy (SIGHUP via its pid file) or call its admin API. "
+        "An invalid config is rejected and the old one stays in force.",
+        epilog="examples:\n  fwdproxy reload --pid-file /run/fwdproxy.pid\n"
+        "  fwdproxy reload --admin 127.0.0.1:9128 --token $TOKEN\n",
+    )
+    p.add_argument("--pid-file", default="/run/fwdproxy/fwdproxy.pid", metavar="FILE")
+    p.add_argument("--admin", metavar="HOST:PORT", help="use the admin API instead of a signal")
+    p.add_argument("--token", help="admin bearer token")
+    p.set_defaults(func=cmd_reload)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: Any) -> None:
+    """Commands that live in their own modules (kept import-light)."""
+    for name in ("discover", "gen", "doctor"):
+        try:
+            module = __import__(f"fwdproxy.{name}", fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        return 0

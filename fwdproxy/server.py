@@ -1,0 +1,348 @@
+"""The running proxy: listeners, live connections, reload and graceful shutdown.
+
+Sessions read `state.config` once when they start, so a reload (SIGHUP) swaps the config for
+new connections and never touches running tunnels. An invalid new config is rejected whole and
+the old one stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fwdproxy.addr import ip_of, is_loopback
+from fwdproxy.config import Config, Listener, load_config
+from fwdproxy.errors import ConfigError
+from fwdproxy.session import ConnInfo, Session
+from fwdproxy.upstreams import UpstreamPool
+
+logger = logging.getLogger("fwdproxy.server")
+
+
+class Observer:
+    """Hooks for metrics; every method is called on the hot path, so keep them cheap."""
+
+    def opened(self, info: ConnInfo) -> None: ...
+    def closed(self, info: ConnInfo) -> None: ...
+    def dialed(self, route: str, seconds: float) -> None: ...
+    def reloaded(self, ok: bool, digest: str) -> None: ...
+
+
+@dataclass
+class ServerState:
+    """What sessions see of the server. `config` is replaced atomically on reload."""
+
+    config: Config
+    pool: UpstreamPool
+    connections: dict[int, ConnInfo] = field(default_factory=dict)
+    observers: list[Observer] = field(default_factory=list)
+    own: set[tuple[str, int]] = field(default_factory=set)
+    started: float = field(default_factory=time.time)
+    recent_errors: list[dict[str, Any]] = field(default_factory=list)
+    accepting: bool = True
+
+    def opened(self, info: ConnInfo) -> None:
+        self.connections[info.id] = info
+        for o in self.observers:
+            o.opened(info)
+
+    def closed(self, info: ConnInfo) -> None:
+        self.connections.pop(info.id, None)
+        if info.outcome not in ("ok", "client", "target", "empty", "client-reset"):
+            self.recent_errors.append({"ts": time.time(), **info.as_dict(), "error": info.error})
+            del self.recent_errors[:-50]
+        for o in self.observers:
+            o.closed(info)
+
+    def dialed(self, route: str, seconds: float) -> None:
+        for o in self.observers:
+            o.dialed(route, seconds)
+
+    def is_own_address(self, host: str, port: int) -> bool:
+        if (host, port) in self.own:
+            return True
+        ip = ip_of(host)
+        if ip is None and host != "localhost":
+            return False
+        for h, p in self.own:
+            if p == port and (h in ("0.0.0.0", "::") or (is_loopback(host) and is_loopback(h))):
+                return True
+        return False
+
+    @property
+    def overloaded(self) -> bool:
+        return len(self.connections) > self.config.limits.max_connections
+
+
+def check_exposure(cfg: Config, allow_any_client: bool = False) -> list[str]:
+    """Refuse to become an open proxy: non-loopback listeners need an allow-list or auth."""
+    problems = []
+    for lst in cfg.listeners:
+        if is_loopback(lst.host) or lst.allow or cfg.users or cfg.allow_any_client:
+            continue
+        if allow_any_client:
+            continue
+        problems.append(
+            f"refusing to listen on {lst.address}: a non-loopback listener needs an allow-list "
+            "(allow: [CIDR, ...]) or auth: users, otherwise anyone who can reach it may use the "
+            "proxy. Set allow_any_client: true (or --allow-any-client) if that is really intended."
+        )
+    return problems
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft fd limit to the hard limit: each tunnel holds two sockets."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _notify(kind: str, *args: Any) -> None:
+    try:
+        from fwdproxy import sdnotify
+    except ImportError:
+        return
+    fn = getattr(sdnotify, kind, None)
+    if fn is not None:
+        with contextlib.suppress(OSError):
+            fn(*args)
+
+
+class Server:
+    """Owns the listeners and the ServerState. Use `start()`, then `wait_closed()` or `stop()`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        allow_any_client: bool = False,
+        reload_source: Callable[[], Config] | None = None,
+    ) -> None:
+        self.allow_any_client = allow_any_client
+        self.state = ServerState(config, UpstreamPool(config))
+        self._servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
+        self._listeners: dict[tuple[str, int], Listener] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_source = reload_source or (lambda: load_config(config.path))
+        self._stopped = asyncio.Event()
+        self._sigint_count = 0
+        self.admin: Any = None
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Bound (host, port) of every listener (ports resolved when 0 was asked)."""
+        out = []
+        for srv in self._servers.values():
+            for s in srv.sockets:
+                name = s.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    async def start(self) -> None:
+        problems = check_exposure(self.state.config, self.allow_any_client)
+        if problems:
+            raise ConfigError(problems)
+        raise_nofile_limit()
+        for lst in self.state.config.listeners:
+            await self._bind(lst)
+        self._refresh_own()
+        self.state.pool.start()
+        await self._start_admin()
+        addrs = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses)
+        logger.info(
+            "listening on %s (config %s, %d rules)",
+            addrs,
+            self.state.config.path,
+            len(self.state.config.router.rules),
+        )
+        _notify("ready", f"listening on {addrs}")
+
+    async def _bind(self, lst: Listener) -> None:
+        def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, lst: Listener = lst) -> None:
+            self._spawn(r, w, lst)
+
+        srv = await asyncio.start_server(
+            handler, lst.host, lst.port, limit=256 * 1024, backlog=1024, reuse_address=True
+        )
+        self._servers[(lst.host, lst.port)] = srv
+        self._listeners[(lst.host, lst.port)] = lst
+
+    def _refresh_own(self) -> None:
+        own = set(self.addresses)
+        if self.admin is not None:
+            own.update(self.admin.addresses)
+        self.state.own = own
+
+    def _spawn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, lst: Listener) -> None:
+        if not self.state.accepting:
+            w.close()
+            return
+        sock = w.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = Session(self.state, r, w, lst)
+        task = asyncio.get_running_loop().create_task(session.run())
+        session.info.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_admin(self) -> None:
+        spec = self.state.config.admin
+        if spec is None:
+            return
+        try:
+            from fwdproxy.admin import AdminServer
+        except ImportError:
+            logger.warning("admin: not available in this build")
+            return
+        self.admin = AdminServer(self, spec)
+        await self.admin.start()
+
+    # -- reload --------------------------------------------------------------------------------
+
+    async def reload(self, new: Config | None = None) -> list[str]:
+        """Validate and apply a new config; return the problems (empty when applied)."""
+        _notify("reloading")
+        try:
+            try:
+                cfg = new if new is not None else self._reload_source()
+            except ConfigError as e:
+                for p in e.problems:
+                    logger.error("reload rejected: %s", p)
+                self._reloaded(False, "")
+                return e.problems
+            problems = check_exposure(cfg, self.allow_any_client)
+            if problems:
+                for p in problems:
+                    logger.error("reload rejected: %s", p)
+                self._reloaded(False, "")
+                return problems
+            await self._apply(cfg)
+            self._reloaded(True, cfg.digest)
+            logger.info(
+                "reloaded %s (%d rules, digest %s); %d open connections keep their route",
+                cfg.path,
+                len(cfg.router.rules),
+                cfg.digest or "-",
+                len(self.state.connections),
+            )
+            return []
+        finally:
+            _notify("ready", f"listening on {len(self.addresses)} address(es)")
+
+    def _reloaded(self, ok: bool, digest: str) -> None:
+        for o in self.state.observers:
+            o.reloaded(ok, digest)
+
+    async def _apply(self, cfg: Config) -> None:
+        old_pool = self.state.pool
+        pool = UpstreamPool(cfg, previous=old_pool)
+        wanted = {(lst.host, lst.port): lst for lst in cfg.listeners}
+        for key, lst in wanted.items():
+            if key not in self._servers:
+                await self._bind(lst)  # may raise OSError: nothing has been swapped yet
+            else:
+                self._listeners[key] = lst
+        for key in list(self._servers):
+            if key not in wanted:
+                srv = self._servers.pop(key)
+                self._listeners.pop(key, None)
+                srv.close()
+        self.state.config = cfg
+        self.state.pool = pool
+        pool.start()
+        await old_pool.stop()
+        self._refresh_own()
+        if cfg.log_level:
+            logging.getLogger().setLevel(cfg.log_level.upper())
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let tunnels drain up to grace_s, then close the rest."""
+        if self._stopped.is_set():
+            return
+        _notify("stopping")
+        grace = self.state.config.limits.shutdown_grace_s if grace_s is None else grace_s
+        self.state.accepting = False
+        for srv in self._servers.values():
+            srv.close()
+        if self._tasks:
+            logger.info(
+                "shutting down: waiting up to %gs for %d connection(s)", grace, len(self._tasks)
+            )
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        await self.state.pool.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        for srv in self._servers.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1)
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    def close_connection(self, conn_id: int) -> bool:
+        info = self.state.connections.get(conn_id)
+        if info is None or info.task is None:
+            return False
+        info.task.cancel()
+        return True
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.stop()))
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self) -> None:
+        self._sigint_count += 1
+        if self._sigint_count > 1:
+            logger.warning("second interrupt: exiting now")
+            os._exit(130)
+        asyncio.get_running_loop().create_task(self.stop())
+
+
+async def serve(
+    config: Config,
+    *,
+    allow_any_client: bool = False,
+    pid_file: str | None = None,
+    reload_source: Callable[[], Config] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; the `fwdproxy serve` main loop."""
+    server = Server(config, allow_any_client=allow_any_client, reload_source=reload_source)
+    await server.start()
+    server.install_signal_handlers()
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        await server.wait_closed()
+    finally:
+        if pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
+    logger.info("stopped")
+    return 0
