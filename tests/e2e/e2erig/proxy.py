@@ -1,0 +1,75 @@
+"""Starting the proxy under test inside the node namespace.
+
+The suite runs fwdproxy. FWDPROXY_E2E_PROXY=tinyproxy swaps in tinyproxy (HTTP CONNECT only,
+chained to the SOCKS tunnel for registry names) to validate the rig itself without fwdproxy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from e2erig.procs import Proc
+from e2erig.topology import GW_NODE_IP, HTTP_UPSTREAM_PORT, REPO_ROOT, SOCKS_PORT, Rig, render
+
+SOCKS_UPSTREAM = f"socks5://{GW_NODE_IP}:{SOCKS_PORT}"
+HTTP_UPSTREAM = f"http://{GW_NODE_IP}:{HTTP_UPSTREAM_PORT}"
+
+
+def proxy_kind() -> str:
+    return os.environ.get("FWDPROXY_E2E_PROXY", "fwdproxy")
+
+
+def fwdproxy_argv(*args: str) -> list[str]:
+    """`python -m fwdproxy ARGS` from this checkout, whatever the current directory."""
+    return [sys.executable, "-m", "fwdproxy", *args]
+
+
+def fwdproxy_env(rig: Rig) -> dict[str, str]:
+    return rig.client_env(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+
+
+@dataclass
+class RunningProxy:
+    """A proxy listening on 127.0.0.1:port inside the node namespace."""
+
+    proc: Proc
+    port: int
+    config: Path
+    kind: str
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def socks5_url(self) -> str:
+        return f"socks5://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.proc.log.read_text(errors="replace")
+
+
+def start_proxy(rig: Rig, name: str, template: str, port: int, *,
+                upstream: str = SOCKS_UPSTREAM, **values: str) -> RunningProxy:
+    """Render `template` for `port` and start the proxy under test with it in the node ns."""
+    kind = proxy_kind()
+    if kind == "tinyproxy":
+        conf = render(
+            "tinyproxy-standin.conf", rig.tmp / f"{name}.conf", PORT=str(port),
+            LOG=str(rig.logs / f"{name}-access.log"), PID=str(rig.tmp / f"{name}.pid"),
+            SOCKS=upstream.split("://", 1)[1],
+        )
+        proc = rig.sup.start(name, rig.node, ["tinyproxy", "-d", "-c", str(conf)])
+    else:
+        conf = render(template, rig.tmp / f"{name}.yaml", PORT=str(port), UPSTREAM=upstream,
+                      **values)
+        proc = rig.sup.start(
+            name, rig.node,
+            fwdproxy_argv("serve", "-c", str(conf), "--listen", f"127.0.0.1:{port}"),
+            env=fwdproxy_env(rig),
+        )
+    rig.node.wait_tcp("127.0.0.1", port, alive=proc.dead)
+    return RunningProxy(proc=proc, port=port, config=conf, kind=kind)
