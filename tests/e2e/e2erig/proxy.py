@@ -57,10 +57,15 @@ def start_proxy(rig: Rig, name: str, template: str, port: int, *,
     """Render `template` for `port` and start the proxy under test with it in the node ns."""
     kind = proxy_kind()
     if kind == "tinyproxy":
+        target = upstream.split("://", 1)[1]
+        sites = [""] if "blanket" in template else [".docker.io", ".docker.com", "quay.io",
+                                                      ".quay.io"]
+        lines = [f'Upstream socks5 {target} "{site}"' if site else f"Upstream socks5 {target}"
+                 for site in sites]
         conf = render(
             "tinyproxy-standin.conf", rig.tmp / f"{name}.conf", PORT=str(port),
             LOG=str(rig.logs / f"{name}-access.log"), PID=str(rig.tmp / f"{name}.pid"),
-            SOCKS=upstream.split("://", 1)[1],
+            UPSTREAMS="\n".join(lines),
         )
         proc = rig.sup.start(name, rig.node, ["tinyproxy", "-d", "-c", str(conf)])
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import random
 import secrets
 import shutil
 import sys
@@ -213,6 +214,8 @@ class Rig:
         self.web_root = self.tmp / "intranet-web"
         self.web_root.mkdir()
         (self.web_root / "index.txt").write_text("intranet says hello\n")
+        self.intranet_blob = self.web_root / "blob.bin"
+        self.intranet_blob.write_bytes(random.Random("intranet").randbytes(1024 * 1024))
         self.intra_web = self.sup.start(
             "intranet-web", self.intra,
             [sys.executable, "-m", "http.server", "80", "--bind", INTRA_IP,
@@ -276,11 +279,9 @@ class Rig:
             ns, dest = self.intra, f"{INTRA_IP}:{INTRA_REGISTRY_PORT}"
         else:
             ns, dest = self.out, BACKEND_ADDR
-        # Docker schema 2 for the gzip images (what Docker Hub serves); the bulk image has
-        # uncompressed layers, which only OCI can describe.
-        fmt = ["--format", "v2s2"] if ref.repo != "library/e2e-bulk" else []
         ns.run(
-            ["skopeo", "--policy", str(self.tmp / "policy.json"), "copy", "--quiet", *fmt,
+            ["skopeo", "--policy", str(self.tmp / "policy.json"), "copy", "--quiet",
+             "--format", "v2s2",  # Docker schema 2, what Docker Hub serves
              "--dest-tls-verify=false", "--digestfile", str(digest_file),
              f"oci:{layout}:{ref.tag}", f"docker://{dest}/{ref.repo}:{ref.tag}"],
             env=self.client_env(),
