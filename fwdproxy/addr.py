@@ -59,17 +59,21 @@ def normalise_host(host: str) -> str:
     return h
 
 
-def parse_port(text: str) -> int:
-    """A TCP port 1..65535 from text."""
+def parse_port(text: str, allow_zero: bool = False) -> int:
+    """A TCP port 1..65535 from text (0 too for listeners: "any free port")."""
     if not text.isdigit() or len(text) > 5:
         raise AddressError(f"invalid port {text!r}")
     port = int(text)
+    if port == 0 and allow_zero:
+        return 0
     if not 0 < port < 65536:
         raise AddressError(f"port {port} out of range 1-65535")
     return port
 
 
-def split_host_port(authority: str, default_port: int | None = None) -> tuple[str, int]:
+def split_host_port(
+    authority: str, default_port: int | None = None, *, allow_zero: bool = False
+) -> tuple[str, int]:
     """Split `host:port`, `[v6]:port` or (with a default) a bare host; normalise the host."""
     a = authority.strip()
     if a.startswith("["):
@@ -78,7 +82,7 @@ def split_host_port(authority: str, default_port: int | None = None) -> tuple[st
             raise AddressError(f"unterminated IPv6 literal in {authority!r}")
         host, rest = a[1:end], a[end + 1 :]
         if rest.startswith(":"):
-            return normalise_host(host), parse_port(rest[1:])
+            return normalise_host(host), parse_port(rest[1:], allow_zero)
         if rest:
             raise AddressError(f"garbage after IPv6 literal in {authority!r}")
         if default_port is None:
@@ -86,7 +90,7 @@ def split_host_port(authority: str, default_port: int | None = None) -> tuple[st
         return normalise_host(host), default_port
     if a.count(":") == 1:
         host, port = a.rsplit(":", 1)
-        return normalise_host(host), parse_port(port)
+        return normalise_host(host), parse_port(port, allow_zero)
     if a.count(":") > 1:
         # A bare IPv6 literal without brackets: only valid with a default port.
         if default_port is None:

@@ -161,7 +161,7 @@ class _Problems:
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
-    return list(value) if isinstance(value, list) else [value]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def parse_upstream_url(name: str, url: str) -> UpstreamSpec:
@@ -437,7 +437,7 @@ def _parse_listeners(
             if "allow" in item:
                 allow = _parse_allow(item["allow"], f"{where}.allow", p, iline)
         try:
-            host, port = split_host_port(str(addr))
+            host, port = split_host_port(str(addr), allow_zero=True)
             out.append(Listener(host, port, allow))
         except AddressError as e:
             p.add(iline, where, f"{e} (expected HOST:PORT such as 127.0.0.1:3128)")

@@ -142,6 +142,8 @@ class Session:
             self._finish("client-reset")
         except asyncio.TimeoutError:
             self._finish("handshake-timeout", "client too slow")
+            if not self.info.target and self.buf[:1].isalpha():
+                self.writer.write(http_error_response(408, "request head not received in time"))
         except FwdProxyError as e:
             self._finish(_outcome_of(e), str(e))
         except asyncio.CancelledError:

@@ -98,12 +98,15 @@ class UpstreamPool:
         """Tunnel to host:port through group `name`, failing over between members."""
         st = self.groups[name]
         errors: list[DialError] = []
-        for k, member in enumerate(st.order()):
+        order = st.order()
+        for k, member in enumerate(order):
             left = deadline.left()
             if left <= 0:
                 break
+            # Share the client's deadline so a blackholed member cannot eat all of it.
+            budget = left / (len(order) - k)
             try:
-                streams = await self._dial(member.spec, host, port, left)
+                streams = await self._dial(member.spec, host, port, budget)
             except DialError as e:
                 errors.append(e)
                 if e.kind in ("upstream_down", "upstream_error") or (
@@ -211,9 +214,9 @@ class UpstreamPool:
 
     async def _check_loop(self, name: str, st: GroupState) -> None:
         assert st.group.check is not None
-        while True:
-            await self.check_once(name)
+        while True:  # members start healthy; the first probe runs one interval after start
             await asyncio.sleep(st.group.check.interval_s)
+            await self.check_once(name)
 
 
 def _probe_targets(config: Config) -> Mapping[str, tuple[str, int]]:
