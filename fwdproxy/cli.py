@@ -37,7 +37,7 @@ def _add_config_arg(p: argparse.ArgumentParser) -> None:
         "-c",
         "--config",
         metavar="FILE",
-        help="rules file (default: ./rules.yaml, the shipped rules.yaml, /etc/fwdproxy/rules.yaml)",
+        help="rules file (default: ./rules.yaml, then /etc/fwdproxy/rules.yaml, then the shipped one)",
     )
 
 

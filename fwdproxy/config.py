@@ -136,14 +136,14 @@ class Config:
 
 
 def default_config_path() -> Path:
-    """`./rules.yaml` if present, else the copy shipped in the source tree, else /etc."""
-    here = Path.cwd() / DEFAULT_CONFIG_NAME
-    if here.is_file():
-        return here
-    shipped = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
-    if shipped.is_file():
-        return shipped
-    return Path("/etc/fwdproxy") / DEFAULT_CONFIG_NAME
+    """`./rules.yaml`, else `/etc/fwdproxy/rules.yaml`, else the copy shipped in the package."""
+    for candidate in (
+        Path.cwd() / DEFAULT_CONFIG_NAME,
+        Path("/etc/fwdproxy") / DEFAULT_CONFIG_NAME,
+    ):
+        if candidate.is_file():
+            return candidate
+    return Path(__file__).resolve().parent / DEFAULT_CONFIG_NAME
 
 
 class _Problems:
