@@ -123,7 +123,7 @@ def _compile_glob(pattern: str) -> re.Pattern[str]:
 
 
 class Router:
-    """Compiled rules. `decide(host, port)` is pure and cached; build a new Router to change rules."""
+    """Compiled rules. `decide(host, port)` is pure and cached; build a new Router to change them."""
 
     def __init__(
         self,
@@ -160,7 +160,8 @@ class Router:
                 _Entry(i, f"cidr {net}")
             )
         for name in rule.registries:
-            names = sorted(self._catalog) if name == "all" else [name]
+            # Catalog order: user registries come first, so they win over built-in ones.
+            names = list(self._catalog) if name == "all" else [name]
             for reg_name in names:
                 self._add_registry(i, reg_name)
         if not rule.has_host_matcher:
