@@ -37,7 +37,7 @@ def _add_config_arg(p: argparse.ArgumentParser) -> None:
         "-c",
         "--config",
         metavar="FILE",
-        help="rules file (default: ./rules.yaml, then /etc/fwdproxy/rules.yaml, then the shipped one)",
+        help="rules file (default: ./rules.yaml, /etc/fwdproxy/rules.yaml, the shipped one)",
     )
 
 

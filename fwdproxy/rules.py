@@ -123,7 +123,7 @@ def _compile_glob(pattern: str) -> re.Pattern[str]:
 
 
 class Router:
-    """Compiled rules. `decide(host, port)` is pure and cached; build a new Router to change them."""
+    """Compiled rules; `decide(host, port)` is pure and cached. A reload builds a new Router."""
 
     def __init__(
         self,
