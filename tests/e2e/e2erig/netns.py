@@ -54,12 +54,13 @@ class Netns:
         timeout_s: float = 60.0,
         check: bool = True,
         input_text: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the namespace and capture its output."""
+        text: bool = True,
+    ) -> subprocess.CompletedProcess[Any]:
+        """Run a command inside the namespace and capture its output (bytes if not `text`)."""
         proc = subprocess.run(
             self.argv(argv),
             capture_output=True,
-            text=True,
+            text=text,
             env=dict(env) if env is not None else None,
             timeout=timeout_s,
             input=input_text,
@@ -67,7 +68,7 @@ class Netns:
         if check and proc.returncode != 0:
             raise RuntimeError(
                 f"[{self.name}] {' '.join(argv)} -> exit {proc.returncode}\n"
-                f"stdout: {proc.stdout[-4000:]}\nstderr: {proc.stderr[-4000:]}"
+                f"stdout: {proc.stdout[-4000:]!s}\nstderr: {proc.stderr[-4000:]!s}"
             )
         return proc
 

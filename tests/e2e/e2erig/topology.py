@@ -105,6 +105,9 @@ class Rig:
         self.nets = NetnsSet(self.prefix)
         self.home = self.tmp / "home"
         self.home.mkdir()
+        # podman insists that $DOCKER_CONFIG/config.json exists once DOCKER_CONFIG is set.
+        (self.home / ".docker").mkdir()
+        (self.home / ".docker" / "config.json").write_text("{}\n")
         self.logs = self.tmp / "logs"
         self.logs.mkdir()
         self.sup = Supervisor(self.logs, self._base_env())
