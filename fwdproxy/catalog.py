@@ -125,7 +125,8 @@ def _compiled(kind: str, pattern: str) -> re.Pattern[str]:
 @functools.lru_cache(maxsize=1)
 def _load_builtin() -> tuple[str, dict[str, Registry]]:
     text = resources.files("fwdproxy").joinpath("catalog.yaml").read_text(encoding="utf-8")
-    doc = yaml.safe_load(text)
+    # libyaml's parser when available: the catalog is parsed on every CLI run.
+    doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     try:
         registries = parse_registries(doc, where="catalog.yaml")
     except ConfigError as err:

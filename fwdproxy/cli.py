@@ -295,7 +295,10 @@ def _reload_via_admin(addr: str, token: str | None) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("serve", "check", "route", "explain", "reload")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fwdproxy",
         description="Split-routing forward proxy for container hosts: registry traffic through an "
@@ -411,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="admin bearer token")
     p.set_defaults(func=cmd_reload)
 
-    _register_optional(sub)
+    if not argv or argv[0] not in CORE_COMMANDS:
+        _register_optional(sub)  # skipped for core commands: keeps `route` fast
     return parser
 
 
@@ -426,7 +430,8 @@ def _register_optional(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

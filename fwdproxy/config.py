@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from fwdproxy.addr import AddressError, normalise_host, split_host_port
 from fwdproxy.errors import ConfigError
-from fwdproxy.rules import Decision, Router, RuleSpec
+from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec
 from fwdproxy.yamlsrc import LineDict, LineList, line_of, load_yaml
 
 DEFAULT_LISTEN: Final = "127.0.0.1:3128"
@@ -386,7 +386,7 @@ def _parse_rule(
         ports=tuple(ports),
         **fields,
     )
-    if not spec.has_host_matcher and not spec.ports:
+    if not spec.has_host_matcher and not spec.ports and not (set(raw) & set(HOST_KINDS)):
         p.add(
             line,
             where,

@@ -15,17 +15,27 @@ class LineDict(dict):  # type: ignore[type-arg]
     """A mapping with `line` (1-based) and `key_lines` {key: line}."""
 
     line: int = 0
-    key_lines: dict[Any, int]
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.key_lines: dict[Any, int] = {}
 
 
 class LineList(list):  # type: ignore[type-arg]
     """A sequence with `line` and `item_lines` [line, ...]."""
 
     line: int = 0
-    item_lines: list[int]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.item_lines: list[int] = []
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's C parser when available (much faster); the constructors below are the same.
+_Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
     pass
 
 
@@ -33,7 +43,6 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
     loader.flatten_mapping(node)
     out = LineDict()
     out.line = node.start_mark.line + 1
-    out.key_lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, (str, int, float, bool)) and key is not None:
