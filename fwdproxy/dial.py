@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import time
 from collections.abc import Mapping
@@ -73,7 +74,7 @@ async def open_direct(
     except OSError as e:
         reply, kind = classify_os_error(e)
         what = "cannot resolve" if kind == "dns" else "cannot connect to"
-        reason = e.strerror or str(e)
+        reason = _reason(e, kind)
         raise DialError(
             f"{what} {host}:{port} (direct): {reason}",
             hop="direct",
@@ -83,6 +84,15 @@ async def open_direct(
         ) from None
     _set_nodelay(writer)
     return reader, writer
+
+
+def _reason(e: OSError, kind: str) -> str:
+    """A short human reason: asyncio's strerror ('Connect call failed (...)') hides the errno."""
+    if e.errno and not isinstance(e, socket.gaierror):
+        return os.strerror(e.errno)
+    if kind == "refused":
+        return "Connection refused"
+    return e.strerror or str(e)
 
 
 def _proxy_for(spec: UpstreamSpec) -> Any:

@@ -170,7 +170,9 @@ class _Forwarder:
         if expect and expect[0].lower() == b"100-continue":
             headers = [(k, v) for k, v in headers if k.lower() != b"expect"]
             if self.client.their_http_version != b"1.0":
-                await self._send_client(h11.InformationalResponse(status_code=100, headers=[]))
+                await self._send_client(
+                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                )
         if not any(k.lower() == b"host" for k, _ in headers):
             host = format_host_port(target.host, target.port) if target.port != 80 else target.host
             headers.insert(0, (b"Host", host.encode()))
