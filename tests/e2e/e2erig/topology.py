@@ -25,10 +25,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from e2erig.images import TestImage, bulk_layers, make_image, write_oci_layout
 from e2erig.netns import Netns, NetnsSet
 from e2erig.pki import TestCA
-from e2erig.procs import Proc, Supervisor, wait_for
+from e2erig.procs import Proc, Supervisor
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE.parent / "templates"
@@ -60,8 +62,11 @@ BULK_SIZE = 4 * 1024 * 1024 + 4096
 
 # Every image differs (its one file names it), so no pull can be answered from another's cache.
 HUB_IMAGES = ("skopeo-http", "skopeo-socks", "skopeo-upstream-http", "docker", "containerd",
-              "podman", "cache", "discover", "failure")
-QUAY_IMAGES = ("skopeo-http", "skopeo-socks", "docker", "containerd", "podman", "discover")
+              "podman", "cache", "failure")
+QUAY_IMAGES = ("skopeo-http", "skopeo-socks", "docker", "containerd", "podman")
+# `fwdproxy discover` pulls each registry's probe repository from fwdproxy's own catalog.
+CATALOG = REPO_ROOT / "fwdproxy" / "catalog.yaml"
+PROBE_KEYS = {"hub": "dockerhub", "quay": "quay"}
 INTRA_IMAGES = ("skopeo", "docker", "containerd", "podman", "failure", "blanket")
 
 
@@ -259,20 +264,23 @@ class Rig:
 
     # --- images ---------------------------------------------------------------------------
     def _images(self) -> None:
-        refs: list[ImageRef] = []
+        """Build and push every test image; `image("hub:docker")` finds them by key."""
         for name in HUB_IMAGES:
-            refs.append(ImageRef("hub", f"library/e2e-{name}", "v1", make_image(f"hub-{name}")))
+            self.images[f"hub:{name}"] = ImageRef("hub", f"library/e2e-{name}", "v1",
+                                                  make_image(f"hub-{name}"))
         for name in QUAY_IMAGES:
-            refs.append(ImageRef("quay", f"fwdproxy/e2e-{name}", "v1", make_image(f"quay-{name}")))
+            self.images[f"quay:{name}"] = ImageRef("quay", f"fwdproxy/e2e-{name}", "v1",
+                                                   make_image(f"quay-{name}"))
         for name in INTRA_IMAGES:
-            refs.append(ImageRef("intra", f"e2e/{name}", "v1", make_image(f"intra-{name}")))
+            self.images[f"intra:{name}"] = ImageRef("intra", f"e2e/{name}", "v1",
+                                                    make_image(f"intra-{name}"))
         bulk = make_image("hub-bulk", extra_layers=bulk_layers(BULK_COUNT, BULK_SIZE, "bulk"))
-        refs.append(ImageRef("hub", "library/e2e-bulk", "v1", bulk))
-        for ref in refs:
-            key = f"{ref.registry}:{ref.repo.rsplit('/', 1)[1].removeprefix('e2e-')}"
-            self.images[key] = ref
+        self.images["hub:bulk"] = ImageRef("hub", "library/e2e-bulk", "v1", bulk)
+        for registry, repo in catalog_probes().items():
+            self.images[f"{registry}:probe"] = ImageRef(registry, repo, "latest",
+                                                        make_image(f"{registry}-probe"))
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(self._push, refs))
+            list(pool.map(self._push, self.images.values()))
 
     def _push(self, ref: ImageRef) -> None:
         layout = self.tmp / "layouts" / f"{ref.registry}-{ref.repo.replace('/', '_')}"
@@ -317,11 +325,16 @@ class Rig:
         return problems
 
 
-def wait_file_contains(path: Path, needle: str, *, deadline_s: float = 10.0) -> None:
-    def check() -> bool:
-        try:
-            return needle in path.read_text(errors="replace")
-        except FileNotFoundError:
-            return False
+def catalog_probes() -> dict[str, str]:
+    """Probe repositories of the Docker Hub and Quay entries in fwdproxy's catalog (if any)."""
+    try:
+        catalog = yaml.safe_load(CATALOG.read_text())["registries"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return {}
+    probes = {}
+    for registry, key in PROBE_KEYS.items():
+        probe = (catalog.get(key) or {}).get("probe")
+        if isinstance(probe, str) and probe:
+            probes[registry] = probe
+    return probes
 
-    wait_for(f"{needle!r} in {path}", check, deadline_s=deadline_s)
