@@ -38,9 +38,7 @@ class _Tunnel:
 
     __slots__ = ("closed_by", "counters", "done", "error", "idle_s", "loop", "sides", "timer")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, counters: Counters, idle_s: float
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, counters: Counters, idle_s: float) -> None:
         self.loop = loop
         self.counters = counters
         self.idle_s = idle_s
@@ -171,11 +169,11 @@ def _start(tunnel: _Tunnel, client: Endpoint, target: Endpoint) -> None:
     a.peer, b.peer = b, a
     tunnel.sides = (a, b)
     got = [_take_over(a, client), _take_over(b, target)]
-    for side, (_, _, exc) in zip((a, b), got):
+    for side, (_, _, exc) in zip((a, b), got, strict=True):
         if exc is not None:
             tunnel.finish(side.name + "-error", _describe(exc))
             return
-    for side, ep, (buffered, eof, _) in zip((a, b), (client, target), got):
+    for side, ep, (buffered, eof, _) in zip((a, b), (client, target), got, strict=True):
         if ep.prefetched:
             side.forward(ep.prefetched)
         if buffered:
