@@ -26,13 +26,25 @@ def assert_socks_never_saw_intranet(text: str) -> None:
 
 
 @pytest.mark.parametrize("url", intranet_urls(), ids=["name", "hosts-override", "ip"])
-@pytest.mark.parametrize("side", ["http", "socks5h"], ids=["http-proxy", "socks5"])
+@pytest.mark.parametrize("side", ["http", "socks5h", "socks4a"],
+                         ids=["http-proxy", "socks5", "socks4a"])
 def test_intranet_http_goes_direct(rig: Rig, proxy: RunningProxy, url: str, side: str) -> None:
     before = len(rig.socks_text())
-    proxy_url = proxy.http_url if side == "http" else f"socks5h://127.0.0.1:{proxy.port}"
+    proxy_url = f"{side}://127.0.0.1:{proxy.port}"
     got = curl(rig.node, ["-f", "--proxy", proxy_url, url], rig.client_env(), timeout_s=15)
     assert got.stdout == "intranet says hello\n"
     assert_socks_never_saw_intranet(rig.socks_text()[before:])
+    host = url.split("/")[2]
+    assert_direct(proxy, f"{host}:80")
+
+
+def assert_direct(proxy: RunningProxy, target: str) -> None:
+    """fwdproxy's access log shows the intranet target routed direct, never to the tunnel."""
+    if proxy.kind != "fwdproxy":
+        return
+    routes = proxy.routes_for(target)
+    assert routes, f"no access line for {target}: the client bypassed fwdproxy?"
+    assert {route for _, route in routes} == {"direct"}, f"{target}: {routes}"
 
 
 def test_intranet_registry_goes_direct(rig: Rig, proxy: RunningProxy) -> None:
@@ -43,6 +55,7 @@ def test_intranet_registry_goes_direct(rig: Rig, proxy: RunningProxy) -> None:
                  env)
     assert f'"Digest": "{ref.digest}"' in got.stdout
     assert_socks_never_saw_intranet(rig.socks_text()[before:])
+    assert_direct(proxy, "registry.intranet.test:5000")
 
 
 def test_blanket_tunnel_breaks_the_intranet(

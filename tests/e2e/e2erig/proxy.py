@@ -7,7 +7,9 @@ chained to the SOCKS tunnel for registry names) to validate the rig itself witho
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from e2erig.topology import GW_NODE_IP, HTTP_UPSTREAM_PORT, REPO_ROOT, SOCKS_POR
 
 SOCKS_UPSTREAM = f"socks5://{GW_NODE_IP}:{SOCKS_PORT}"
 HTTP_UPSTREAM = f"http://{GW_NODE_IP}:{HTTP_UPSTREAM_PORT}"
+FIELD_RE = re.compile(r'(\w+)=("[^"]*"|\S+)')
 
 
 def proxy_kind() -> str:
@@ -50,6 +53,31 @@ class RunningProxy:
 
     def log_text(self) -> str:
         return self.proc.log.read_text(errors="replace")
+
+    def access_records(self) -> list[dict[str, str]]:
+        """fwdproxy's access lines as key=value maps (one line per client connection)."""
+        records = []
+        for line in self.log_text().splitlines():
+            if " access " not in line:
+                continue
+            fields = dict(m.groups() for m in FIELD_RE.finditer(line))
+            fields["line"] = line
+            records.append(fields)
+        return records
+
+    def routes_for(self, target: str, deadline_s: float = 5.0) -> set[tuple[str, str]]:
+        """(rule, route) pairs logged for connections to `target` (host:port).
+
+        The access line is written when the connection ends, which can be a moment after the
+        client exits, so wait for at least one line up to the deadline.
+        """
+        end = time.monotonic() + deadline_s
+        while True:
+            found = {(r.get("rule", ""), r.get("route", "")) for r in self.access_records()
+                     if r.get("target") == target}
+            if found or time.monotonic() >= end:
+                return found
+            time.sleep(0.05)
 
 
 def start_proxy(rig: Rig, name: str, template: str, port: int, *,
