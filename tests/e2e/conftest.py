@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -38,14 +40,21 @@ def require_tools(tools: dict[str, str]) -> None:
                     pytrace=False)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def rig() -> Iterator[Rig]:
     require_tools(RIG_TOOLS)
+    # A SIGTERM (CI timeout, kill) becomes KeyboardInterrupt so the finally below still runs.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     built = Rig()
     try:
         built.build()
         yield built
     finally:
+        signal.signal(signal.SIGTERM, previous)
         problems = built.close()
         if problems and not os.environ.get("FWDPROXY_E2E_KEEP"):
             raise RuntimeError("e2e teardown left things behind: " + "; ".join(problems))
