@@ -1,13 +1,8 @@
-"""Fixtures for the end-to-end suite: one rig per session, torn down whatever happens.
-
-A missing tool or a non-root run FAILS the tests (naming the Debian package) rather than
-skipping them: a silently skipped end-to-end suite is worse than none.
-"""
+"""Fixtures for the end-to-end suite: one rig per session, torn down whatever happens."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -18,26 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from e2erig.prereq import RIG_TOOLS, require_tools
 from e2erig.proxy import RunningProxy, start_proxy
 from e2erig.topology import PROXY_PORT, Rig
-
-# binary -> Debian package that ships it
-RIG_TOOLS = {
-    "ip": "iproute2", "unshare": "util-linux", "openssl": "openssl", "curl": "curl",
-    "skopeo": "skopeo", "docker-registry": "docker-registry", "danted": "dante-server",
-    "tinyproxy": "tinyproxy", "nginx": "nginx-light",
-}
-
-
-def require_tools(tools: dict[str, str]) -> None:
-    """Fail (never skip) when the suite cannot run as written."""
-    if os.geteuid() != 0:
-        pytest.fail("the e2e suite needs root (network namespaces, veth, mounts)", pytrace=False)
-    missing = {tool: pkg for tool, pkg in tools.items() if shutil.which(tool) is None}
-    if missing:
-        pkgs = " ".join(sorted(set(missing.values())))
-        pytest.fail(f"missing {', '.join(sorted(missing))}: apt-get install {pkgs}",
-                    pytrace=False)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -7,7 +7,6 @@ import hashlib
 from collections.abc import Iterator
 
 import pytest
-from conftest import require_tools
 from e2erig.clients import assert_pull_flow
 from e2erig.daemons import (
     Containerd,
@@ -21,6 +20,7 @@ from e2erig.daemons import (
     start_containerd,
     start_dockerd,
 )
+from e2erig.prereq import require_tools
 from e2erig.proxy import RunningProxy
 from e2erig.topology import ImageRef, Rig
 
