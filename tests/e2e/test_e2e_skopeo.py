@@ -16,7 +16,7 @@ from e2erig.clients import (
     verify_dir_copy,
 )
 from e2erig.proxy import HTTP_UPSTREAM, RunningProxy
-from e2erig.topology import OUT_IP, Rig
+from e2erig.topology import INTRA_IP, INTRA_REGISTRY_PORT, OUT_IP, Rig
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +45,8 @@ def test_node_cannot_reach_outside_directly(rig: Rig) -> None:
     resolved = rig.node.run(["getent", "hosts", "registry-1.docker.io"], check=False)
     assert resolved.returncode != 0, f"node resolved a public name: {resolved.stdout}"
     assert rig.gw.tcp_probe(OUT_IP, 443) is None, "gateway must reach the outside"
+    assert rig.gw.tcp_probe(INTRA_IP, INTRA_REGISTRY_PORT) is not None, "gateway reached intranet"
+    assert rig.node.tcp_probe(INTRA_IP, INTRA_REGISTRY_PORT) is None, "node must reach intranet"
 
 
 @pytest.mark.parametrize("side", ["http", "socks5"], ids=["connect", "socks5"])
