@@ -1,0 +1,259 @@
+"""Garbage and abuse on the shared port; after every case the proxy still serves normally."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+import time
+from typing import Any
+
+import pytest
+from helpers import (
+    DIRECT_NAME,
+    EchoServer,
+    RunningProxy,
+    assert_closed_without_reply,
+    connect_head,
+    http_exchange,
+    open_connect_tunnel,
+    poll_until,
+    read_response,
+    socks4_request_bytes,
+    socks5_addr,
+    socks5_request,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def assert_serves(proxy: RunningProxy, echo: EchoServer) -> None:
+    r, w = await open_connect_tunnel(proxy, f"{DIRECT_NAME}:{echo.port}")
+    try:
+        w.write(b"ok?")
+        assert await asyncio.wait_for(r.readexactly(3), 5) == b"ok?"
+    finally:
+        w.close()
+    reply, r, w = await socks5_request(proxy, DIRECT_NAME, echo.port, then=b"ok!")
+    try:
+        assert reply.code == 0
+        assert await asyncio.wait_for(r.readexactly(3), 5) == b"ok!"
+    finally:
+        w.close()
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client (what `https://` in a proxy URL sends)."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="proxy.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+async def test_tls_hello_to_the_plain_port_is_closed_silently(
+    proxy: RunningProxy, echo: EchoServer
+) -> None:
+    hello = client_hello()
+    assert hello[0] == 0x16
+    r, w = await proxy.open()
+    try:
+        w.write(hello)
+        await assert_closed_without_reply(r)
+    finally:
+        w.close()
+    await assert_serves(proxy, echo)
+
+
+async def test_tls_client_to_the_plain_port_fails_fast(
+    proxy: RunningProxy, echo: EchoServer
+) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    start = time.monotonic()
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        await asyncio.wait_for(
+            asyncio.open_connection(proxy.host, proxy.port, ssl=ctx, server_hostname="x"), 10
+        )
+    assert time.monotonic() - start < 5
+    await assert_serves(proxy, echo)
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"\x00\x01\x02\xffgarbage", "unrecognised first byte 0x00"),
+        (b"\x7fELF\x02\x01\x01", "unrecognised first byte 0x7f"),
+        (b"get / HTTP/1.1\r\n\r\n", "lowercase"),
+    ],
+    ids=["binary", "elf", "lowercase-method"],
+)
+async def test_garbage_first_bytes_get_400(
+    proxy: RunningProxy, echo: EchoServer, data: bytes, fragment: str
+) -> None:
+    resp = await http_exchange(proxy, data)
+    assert resp.status == 400
+    assert fragment in resp.text
+    await assert_serves(proxy, echo)
+
+
+@pytest.mark.parametrize("method", ["GET http://direct.test/", "CONNECT direct.test:443"])
+async def test_oversized_head_gets_431(proxy: RunningProxy, echo: EchoServer, method: str) -> None:
+    head = f"{method} HTTP/1.1\r\nHost: direct.test\r\nX-Pad: {'a' * 20000}\r\n\r\n".encode()
+    resp = await http_exchange(proxy, head)
+    assert resp.status == 431
+    assert echo.connections == 0
+    await assert_serves(proxy, echo)
+
+
+async def test_unterminated_head_trickled_in_gets_431(
+    proxy: RunningProxy, echo: EchoServer
+) -> None:
+    r, w = await proxy.open()
+    try:
+        w.write(b"GET http://direct.test/ HTTP/1.1\r\n")
+        for _ in range(40):  # 40 x 1000 bytes of headers, never a blank line
+            w.write(b"X-Pad: " + b"b" * 991 + b"\r\n")
+            await w.drain()
+            if r.at_eof():
+                break
+        resp = await read_response(r)
+        assert resp.status == 431
+    finally:
+        w.close()
+    await assert_serves(proxy, echo)
+
+
+async def test_http2_preface_gets_505(proxy: RunningProxy, echo: EchoServer) -> None:
+    resp = await http_exchange(proxy, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert resp.status == 505
+    await assert_serves(proxy, echo)
+
+
+SOCKS_GARBAGE = {
+    "socks5-zero-methods": b"\x05\x00",
+    "socks5-bad-request-version": b"\x05\x01\x00" + b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50",
+    "socks5-bad-atyp": b"\x05\x01\x00" + b"\x05\x01\x00\x09\x7f\x00\x00\x01\x00\x50",
+    "socks5-empty-domain": b"\x05\x01\x00" + b"\x05\x01\x00\x03\x00\x00\x50",
+    "socks5-nul-in-domain": b"\x05\x01\x00" + b"\x05\x01\x00\x03\x03a\x00b\x00\x50",
+    "socks4-bad-command": b"\x04\x09\x00\x50\x7f\x00\x00\x01\x00",
+    "socks4-huge-userid": b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 5000,
+}
+
+
+@pytest.mark.parametrize("data", list(SOCKS_GARBAGE.values()), ids=list(SOCKS_GARBAGE))
+async def test_malformed_socks_is_closed(
+    proxy: RunningProxy, echo: EchoServer, data: bytes
+) -> None:
+    r, w = await proxy.open()
+    try:
+        w.write(data)
+        rest = await asyncio.wait_for(r.read(), 10)  # the proxy must close, not hang
+    finally:
+        w.close()
+    # At most a greeting answer and one failure reply before the close; never success.
+    if data[0] == 5:
+        assert rest[:2] in (b"", b"\x05\x00", b"\x05\xff"), rest
+        reply = rest[2:]
+        assert reply == b"" or (reply[0] == 5 and reply[1] != 0), rest
+    else:
+        assert rest == b"" or rest[1] == 0x5B, rest
+    assert echo.connections == 0
+    await assert_serves(proxy, echo)
+
+
+async def test_client_gone_mid_handshake_does_not_hurt(
+    proxy: RunningProxy, echo: EchoServer
+) -> None:
+    for partial in (
+        b"CONNECT direct.te",
+        b"\x05\x02\x00",
+        b"\x05\x01\x00\x05\x01\x00\x03\x10ab",
+        b"\x04\x01\x00\x50",
+    ):
+        _, w = await proxy.open()
+        w.write(partial)
+        await w.drain()
+        w.close()
+    await assert_serves(proxy, echo)
+
+
+async def test_handshake_timeout_closes_a_silent_client(make_proxy: Any, echo: EchoServer) -> None:
+    proxy = await make_proxy(limits={"handshake_timeout_s": 0.3})
+    start = time.monotonic()
+    r, w = await proxy.open()
+    try:
+        w.write(b"CONNECT direct.test:1 HTTP/1.1\r\n")  # never finished
+        data = await asyncio.wait_for(r.read(), 10)
+    finally:
+        w.close()
+    assert time.monotonic() - start < 5
+    assert data == b"" or data.startswith(b"HTTP/1.1 4")
+    await assert_serves(proxy, echo)
+
+
+async def test_idle_tunnel_is_closed_after_idle_timeout(make_proxy: Any, echo: EchoServer) -> None:
+    proxy = await make_proxy(limits={"idle_timeout_s": 0.3})
+    r, w = await open_connect_tunnel(proxy, f"{DIRECT_NAME}:{echo.port}")
+    try:
+        w.write(b"x")
+        assert await asyncio.wait_for(r.readexactly(1), 5) == b"x"
+        start = time.monotonic()
+        assert await asyncio.wait_for(r.read(), 10) == b""  # closed by the proxy
+        assert 0.2 < time.monotonic() - start < 5
+    finally:
+        w.close()
+
+
+async def test_over_connection_limit_gets_503_and_recovers(
+    make_proxy: Any, echo: EchoServer
+) -> None:
+    proxy = await make_proxy(limits={"max_connections": 1})
+    _r1, w1 = await open_connect_tunnel(proxy, f"{DIRECT_NAME}:{echo.port}")
+    try:
+        resp = await http_exchange(
+            proxy, connect_head(f"{DIRECT_NAME}:{echo.port}"), method="CONNECT"
+        )
+        assert resp.status == 503
+        reply, _, w = await socks5_request(proxy, DIRECT_NAME, echo.port)
+        w.close()
+        assert reply.code == 0x01
+    finally:
+        w1.close()
+    await poll_until(lambda: not proxy.server.state.connections, 5, "the first tunnel to end")
+    _r, w = await open_connect_tunnel(proxy, f"{DIRECT_NAME}:{echo.port}")
+    w.close()
+
+
+async def test_socks5_request_split_into_single_bytes(
+    proxy: RunningProxy, echo: EchoServer
+) -> None:
+    data = (
+        b"\x05\x01\x00" + b"\x05\x01\x00" + socks5_addr(DIRECT_NAME) + struct.pack("!H", echo.port)
+    )
+    r, w = await proxy.open()
+    try:
+        for i in range(len(data)):
+            w.write(data[i : i + 1])
+            await w.drain()
+        assert await asyncio.wait_for(r.readexactly(2), 5) == b"\x05\x00"
+        head = await asyncio.wait_for(r.readexactly(10), 5)
+        assert head[1] == 0
+    finally:
+        w.close()
+
+
+async def test_socks4a_request_split_into_single_bytes(
+    proxy: RunningProxy, echo: EchoServer
+) -> None:
+    data = socks4_request_bytes(DIRECT_NAME, echo.port)
+    r, w = await proxy.open()
+    try:
+        for i in range(len(data)):
+            w.write(data[i : i + 1])
+            await w.drain()
+        assert (await asyncio.wait_for(r.readexactly(8), 5))[1] == 0x5A
+    finally:
+        w.close()

@@ -1,0 +1,300 @@
+"""Split routing end to end: tunnelled names cross a REAL upstream, direct names never touch it.
+
+Each real upstream (asyncio-socks-server, microsocks, tinyproxy) logs the targets it carried;
+the tests read that log for their own origin's port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from helpers import (
+    DIRECT_NAME,
+    LOOPBACK,
+    TUNNEL_NAME,
+    EchoServer,
+    Origin,
+    RunningProxy,
+    Upstream,
+    connect_head,
+    curl,
+    http_exchange,
+    socks4_request,
+    socks5_request,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+CLIENTS = {
+    "connect": ["-p", "-x", "{http}"],
+    "plain-http": ["-x", "{http}"],
+    "socks5h": ["--socks5-hostname", "{addr}"],
+    "socks4a": ["--socks4a", "{addr}"],
+}
+
+
+def client_args(kind: str, proxy: RunningProxy) -> list[str]:
+    return [a.format(http=proxy.url, addr=proxy.addr) for a in CLIENTS[kind]]
+
+
+async def fetch(kind: str, proxy: RunningProxy, origin: Origin, name: str, path: str) -> Any:
+    res = await curl(*client_args(kind, proxy), origin.url(path, name))
+    assert res.rc == 0, f"curl {kind} {name}: {res.err}"
+    return __import__("json").loads(res.out)
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS), ids=list(CLIENTS))
+async def test_route_tunnelled_name_goes_through_the_upstream(
+    proxy: RunningProxy, origin: Origin, socks_upstream: Upstream, kind: str
+) -> None:
+    got = await fetch(kind, proxy, origin, TUNNEL_NAME, f"/echo/{kind}")
+    assert got["path"] == f"/echo/{kind}"
+    await socks_upstream.wait_carried(origin.port)
+    assert socks_upstream.carried(origin.port) == 1
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS), ids=list(CLIENTS))
+async def test_route_direct_name_never_touches_the_upstream(
+    proxy: RunningProxy, origin: Origin, socks_upstream: Upstream, kind: str
+) -> None:
+    total = socks_upstream.total()
+    got = await fetch(kind, proxy, origin, DIRECT_NAME, f"/echo/{kind}")
+    assert got["path"] == f"/echo/{kind}"
+    assert origin.hits == 1
+    assert socks_upstream.carried(origin.port) == 0
+    assert socks_upstream.total() == total
+
+
+@pytest.mark.parametrize("flag", ["--socks5", "--socks4"])
+async def test_route_client_side_resolution_loses_the_name_and_goes_direct(
+    proxy: RunningProxy, origin: Origin, socks_upstream: Upstream, flag: str
+) -> None:
+    """curl --socks5/--socks4 resolve `localhost` themselves: the proxy sees 127.0.0.1."""
+    res = await curl(flag, proxy.addr, origin.url("/echo/ip", TUNNEL_NAME))
+    assert res.rc == 0, res.err
+    assert socks_upstream.carried(origin.port) == 0
+
+
+async def test_route_aiohttp_client_plain_forwarding_both_routes(
+    proxy: RunningProxy, origin: Origin, socks_upstream: Upstream
+) -> None:
+    async with aiohttp.ClientSession() as s:
+        for name in (DIRECT_NAME, TUNNEL_NAME, DIRECT_NAME):
+            async with s.get(origin.url(f"/echo/{name}", name), proxy=proxy.url) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["path"] == f"/echo/{name}"
+    await socks_upstream.wait_carried(origin.port)
+    assert socks_upstream.carried(origin.port) == 1
+
+
+# -- aiohttp CONNECT to a TLS origin -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed (Debian package openssl)")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    yield cert, key
+
+
+@pytest.fixture
+async def tls_origin(tls_cert: tuple[Path, Path]) -> AsyncIterator[int]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls_cert)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"tls {request.path}")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=ctx)
+    await site.start()
+    try:
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("name", [DIRECT_NAME, TUNNEL_NAME], ids=["direct", "tunnel"])
+async def test_route_aiohttp_client_connect_to_tls_origin(
+    proxy: RunningProxy, tls_origin: int, socks_upstream: Upstream, name: str
+) -> None:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"https://{name}:{tls_origin}/secret", proxy=proxy.url, ssl=False) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.text() == "tls /secret"
+    if name == TUNNEL_NAME:
+        await socks_upstream.wait_carried(tls_origin)
+    else:
+        assert socks_upstream.carried(tls_origin) == 0
+
+
+# -- other real upstreams ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio-socks-server", "microsocks", "tinyproxy"])
+def any_upstream(request: pytest.FixtureRequest) -> Upstream:
+    fixture = {
+        "asyncio-socks-server": "socks_upstream",
+        "microsocks": "microsocks_upstream",
+        "tinyproxy": "tinyproxy_upstream",
+    }[request.param]
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", ["connect", "plain-http", "socks5h"])
+async def test_route_through_each_real_upstream(
+    make_proxy: Any, origin: Origin, any_upstream: Upstream, kind: str
+) -> None:
+    proxy = await make_proxy(upstream_url=any_upstream.url)
+    got = await fetch(kind, proxy, origin, TUNNEL_NAME, "/echo/t")
+    assert got["path"] == "/echo/t"
+    await any_upstream.wait_carried(origin.port)
+    total = any_upstream.total()
+    got = await fetch(kind, proxy, origin, DIRECT_NAME, "/echo/d")
+    assert got["path"] == "/echo/d"
+    assert any_upstream.carried(origin.port) == 1
+    assert any_upstream.total() == total
+
+
+# -- rule order and ports ----------------------------------------------------------------------
+
+
+async def test_route_first_matching_rule_wins_with_port_filter(
+    make_proxy: Any, socks_upstream: Upstream
+) -> None:
+    async with EchoServer() as a, EchoServer() as b:
+        proxy = await make_proxy(
+            rules=[
+                {"name": "local-a", "domain": [TUNNEL_NAME], "port": [a.port], "action": "direct"}
+            ]
+        )
+        for port in (a.port, b.port):
+            reply, r, w = await socks5_request(proxy, TUNNEL_NAME, port, then=b"x")
+            assert reply.code == 0
+            assert await asyncio.wait_for(r.readexactly(1), 5) == b"x"
+            w.close()
+        await socks_upstream.wait_carried(b.port)
+        assert socks_upstream.carried(a.port) == 0
+
+
+async def test_route_access_log_names_rule_and_route(
+    proxy: RunningProxy, echo: EchoServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fwdproxy.access")
+    for name in (DIRECT_NAME, TUNNEL_NAME):
+        _reply, r, w = await socks5_request(proxy, name, echo.port, then=b"y")
+        assert await asyncio.wait_for(r.readexactly(1), 5) == b"y"
+        w.close()
+    await_fields: list[dict[str, Any]] = []
+
+    def collected() -> bool:
+        await_fields[:] = [
+            getattr(rec, "fields", {}) for rec in caplog.records if rec.name == "fwdproxy.access"
+        ]
+        return len(await_fields) >= 2
+
+    from helpers import poll_until
+
+    await poll_until(collected, 5, "two access log lines")
+    routes = {f["target"]: (f["route"], f["rule"]) for f in await_fields}
+    assert routes[f"{DIRECT_NAME}:{echo.port}"] == ("direct", "default")
+    assert routes[f"{TUNNEL_NAME}:{echo.port}"] == ("tunnel", "tunnelled")
+
+
+# -- client allow-list and target deny-list ----------------------------------------------------
+
+
+@pytest.fixture
+async def allow_list_proxy(make_proxy: Any) -> RunningProxy:
+    return await make_proxy(listen=[{"listen": "127.0.0.1:0", "allow": ["10.0.0.0/8"]}])
+
+
+async def test_route_allow_list_refuses_connect_with_403(
+    allow_list_proxy: RunningProxy, echo: EchoServer
+) -> None:
+    resp = await http_exchange(
+        allow_list_proxy, connect_head(f"{DIRECT_NAME}:{echo.port}"), method="CONNECT"
+    )
+    assert resp.status == 403
+    assert "allow-list" in resp.text
+    assert echo.connections == 0
+
+
+async def test_route_allow_list_refuses_plain_http_with_403(
+    allow_list_proxy: RunningProxy, origin: Origin
+) -> None:
+    url = origin.url("/echo/x", DIRECT_NAME)
+    resp = await http_exchange(allow_list_proxy, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert resp.status == 403
+    assert origin.hits == 0
+
+
+async def test_route_allow_list_refuses_socks(
+    allow_list_proxy: RunningProxy, echo: EchoServer
+) -> None:
+    reply, _, w = await socks5_request(allow_list_proxy, DIRECT_NAME, echo.port)
+    w.close()
+    assert reply.code == 0x02
+    code, _, w = await socks4_request(allow_list_proxy, LOOPBACK, echo.port)
+    w.close()
+    assert code == 0x5B
+    assert echo.connections == 0
+
+
+async def test_route_deny_list_refuses_metadata_for_plain_http(proxy: RunningProxy) -> None:
+    raw = b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
+    resp = await http_exchange(proxy, raw)
+    assert resp.status == 403
+    assert "deny-list" in resp.text
+
+
+async def test_route_deny_list_applies_to_hosts_overrides(make_proxy: Any) -> None:
+    proxy = await make_proxy(hosts={"meta.test": "169.254.169.254"})
+    resp = await http_exchange(proxy, connect_head("meta.test:80"), method="CONNECT")
+    assert resp.status == 403
+
+
+async def test_route_connect_to_the_proxy_itself_is_refused(proxy: RunningProxy) -> None:
+    resp = await http_exchange(proxy, connect_head(proxy.addr), method="CONNECT")
+    assert resp.status == 403
+    assert "loop" in resp.text
