@@ -37,9 +37,11 @@ def normalise_host(host: str) -> str:
         raise AddressError("empty host name")
     if ":" in h:
         try:
-            return str(ipaddress.IPv6Address(h.split("%", 1)[0]))
+            v6 = ipaddress.IPv6Address(h.split("%", 1)[0])
         except ValueError:
             raise AddressError(f"invalid IPv6 address {host!r}") from None
+        # ::ffff:a.b.c.d connects over IPv4: rules and the deny-list must see the IPv4 form.
+        return str(v6.ipv4_mapped) if v6.ipv4_mapped is not None else str(v6)
     if h.endswith("."):
         h = h[:-1]
     h = h.lower()
@@ -53,10 +55,44 @@ def normalise_host(host: str) -> str:
     ip = ip_of(h)
     if ip is not None:
         return str(ip)
+    legacy = _inet_aton(h)
+    if legacy is not None:
+        return legacy
     for label in h.split("."):
         if not _LABEL_OK.match(label):
             raise AddressError(f"invalid host name {host!r}")
     return h
+
+
+_NUMBER: Final = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+
+
+def _inet_aton(h: str) -> str | None:
+    """Canonical dotted IPv4 for inet_aton spellings (`2130706433`, `127.1`, `0x7f.0.0.1`).
+
+    The resolver accepts these forms, so they must be recognised as addresses here; otherwise
+    a name like `2852039166` would slip past CIDR rules and the deny-list as a "host name".
+    """
+    parts = h.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_NUMBER.match(p) for p in parts):
+        return None
+    nums = []
+    for p in parts:
+        if p.startswith("0x"):
+            nums.append(int(p[2:] or "0", 16))
+        elif len(p) > 1 and p.startswith("0"):
+            if any(c in "89" for c in p):
+                raise AddressError(f"invalid octal number in address {h!r}")
+            nums.append(int(p, 8))
+        else:
+            nums.append(int(p))
+    *head, last = nums
+    if any(n > 255 for n in head) or last >= 256 ** (4 - len(head)):
+        raise AddressError(f"invalid IPv4 address {h!r}")
+    value = last
+    for i, n in enumerate(head):
+        value |= n << (8 * (3 - i))
+    return str(ipaddress.IPv4Address(value))
 
 
 def parse_port(text: str, allow_zero: bool = False) -> int:

@@ -67,6 +67,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _print_problems(e.problems)
         return 1
+    if args.admin:
+        try:
+            cfg = _with_admin(cfg, args.admin)
+        except ValueError as e:
+            print(f"error: --admin: {e}", file=sys.stderr)
+            return 2
     setup_logging(args.log_level or cfg.log_level, args.log_format or cfg.log_format)
     _warn_config(cfg)
     from fwdproxy.config import load_config
@@ -93,6 +99,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _with_admin(cfg: Any, addr: str) -> Any:
+    """`--admin HOST:PORT`: enable (or move) the admin listener, keeping the config's token."""
+    import dataclasses
+
+    from fwdproxy.addr import split_host_port
+    from fwdproxy.config import AdminSpec
+
+    host, port = split_host_port(addr, allow_zero=True)
+    token = (cfg.admin.token if cfg.admin else None) or os.environ.get("FWDPROXY_ADMIN_TOKEN")
+    return dataclasses.replace(cfg, admin=AdminSpec(host, port, token))
 
 
 def _install_loop(choice: str) -> None:
@@ -344,6 +362,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--pid-file", metavar="FILE", help="write the PID here (for `fwdproxy reload`)")
+    p.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve /metrics, the admin API and the dashboard here (overrides admin: in the "
+        "config; the token stays admin.token, or $FWDPROXY_ADMIN_TOKEN)",
+    )
     p.add_argument(
         "--loop",
         choices=["auto", "asyncio", "uvloop"],

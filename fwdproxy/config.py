@@ -556,7 +556,7 @@ def _parse_admin(raw: Any, p: _Problems, env: Mapping[str, str]) -> AdminSpec | 
         p.add(line_of(raw), "admin", "a mapping {listen: HOST:PORT, token: ...} or false")
         return None
     try:
-        host, port = split_host_port(str(raw.get("listen", "127.0.0.1:9128")))
+        host, port = split_host_port(str(raw.get("listen", "127.0.0.1:9128")), allow_zero=True)
     except AddressError as e:
         p.add(line_of(raw, "listen"), "admin.listen", str(e))
         return None

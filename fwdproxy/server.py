@@ -160,9 +160,9 @@ class Server:
         raise_nofile_limit()
         for lst in self.state.config.listeners:
             await self._bind(lst)
-        self._refresh_own()
         self.state.pool.start()
         await self._start_admin()
+        self._refresh_own()
         addrs = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses)
         logger.info(
             "listening on %s (config %s, %d rules)",
@@ -233,7 +233,13 @@ class Server:
                     logger.error("reload rejected: %s", p)
                 self._reloaded(False, "")
                 return problems
-            await self._apply(cfg)
+            try:
+                await self._apply(cfg)
+            except OSError as e:
+                problem = f"cannot listen on a new address: {e.strerror or e}"
+                logger.error("reload rejected: %s", problem)
+                self._reloaded(False, "")
+                return [problem]
             self._reloaded(True, cfg.digest)
             logger.info(
                 "reloaded %s (%d rules, digest %s); %d open connections keep their route",

@@ -278,7 +278,15 @@ class Session:
         sn = self.config.sniff_tls
         if not (sn.enabled and port in sn.ports and ip_of(host) is not None):
             return None
-        self._check_target(host, port)
+        try:  # refusals that need no SNI are answered properly, before the early success reply
+            if self.state.overloaded:
+                raise Overloaded(
+                    f"too many connections (limit {self.config.limits.max_connections})"
+                )
+            self._check_target(host, port)
+        except FwdProxyError as e:
+            await reply(e, None)
+            raise
         await reply(None, None)
         hello = prefetched
         deadline = time.monotonic() + sn.timeout_s
