@@ -24,12 +24,20 @@ CDN = "production.cloudflare.docker.com"
 def discover(rig: Rig, hosts: list[str], name: str) -> subprocess.CompletedProcess[str]:
     conf = render("fwdproxy-explicit.yaml", rig.tmp / f"{name}.yaml", PORT="3199",
                   UPSTREAM=SOCKS_UPSTREAM, TUNNELLED=", ".join(hosts))
-    env = fwdproxy_env(rig)
-    env["SSL_CERT_FILE"] = str(rig.ca.cert)  # Python's ssl trusts the test CA through this
-    return rig.node.run(
-        fwdproxy_argv("discover", "-c", str(conf), *PROBE_KEYS.values()),
-        env=env, timeout_s=60, check=False,
+    got = rig.node.run(
+        fwdproxy_argv("discover", "-c", str(conf), "--ca-file", str(rig.ca.cert),
+                      *PROBE_KEYS.values()),
+        env=fwdproxy_env(rig), timeout_s=60, check=False,
     )
+    print(got.stdout, got.stderr)  # shown by pytest on failure
+    return got
+
+
+def host_line(report: str, host: str) -> str:
+    """The report's table row for `host` (columns: registry, role, host, route, rule)."""
+    rows = [line for line in report.splitlines() if line.split()[2:3] == [host]]
+    assert len(rows) == 1, f"{host}: expected one row in\n{report}"
+    return rows[0]
 
 
 def test_discover_reports_all_hosts_covered(rig: Rig) -> None:
@@ -39,7 +47,7 @@ def test_discover_reports_all_hosts_covered(rig: Rig) -> None:
     out = got.stdout + got.stderr
     assert got.returncode == 0, out
     for host in HUB_HOSTS + QUAY_HOSTS:
-        assert host in out, f"{host} not reported:\n{out}"
+        assert "via tunnel" in host_line(got.stdout, host), out
     assert rig.socks_text()[before:], "discover did not go through the tunnel"
 
 
@@ -47,5 +55,7 @@ def test_discover_flags_the_missing_cdn_host(rig: Rig) -> None:
     got = discover(rig, [h for h in HUB_HOSTS if h != CDN] + QUAY_HOSTS, "discover-no-cdn")
     out = got.stdout + got.stderr
     assert got.returncode == 1, out
-    flagged = [line for line in out.splitlines() if CDN in line]
-    assert flagged, f"{CDN} not reported:\n{out}"
+    assert "direct" in host_line(got.stdout, CDN), out
+    for host in [h for h in HUB_HOSTS + QUAY_HOSTS if h != CDN]:
+        assert "via tunnel" in host_line(got.stdout, host), out
+    assert f"domain: [{CDN}]" in got.stdout, "no rule suggested for the CDN host"
