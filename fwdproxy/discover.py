@@ -855,11 +855,13 @@ def cmd_discover(args: argparse.Namespace) -> int:
         print(f"error: --ca-file {args.ca_file}: {e.strerror or e}", file=sys.stderr)
         return EXIT_UNCHECKED
     _quiet_proxy_log(args.log_level)
-    reports = (
-        asyncio.run(discover(cfg, targets, timeout_s=args.timeout, ssl=ssl, head=not args.no_head))
-        if targets
-        else []
-    )
+    reports: list[Report] = []
+    try:
+        if targets:
+            run = discover(cfg, targets, timeout_s=args.timeout, ssl=ssl, head=not args.no_head)
+            reports = asyncio.run(run)
+    except KeyboardInterrupt:
+        return 130
     if args.json:
         print(json.dumps(reports_json(reports, problems), indent=2))
     elif reports:
