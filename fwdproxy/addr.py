@@ -97,7 +97,7 @@ def _inet_aton(h: str) -> str | None:
 
 def parse_port(text: str, allow_zero: bool = False) -> int:
     """A TCP port 1..65535 from text (0 too for listeners: "any free port")."""
-    if not text.isdigit() or len(text) > 5:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
         raise AddressError(f"invalid port {text!r}")
     port = int(text)
     if port == 0 and allow_zero:
