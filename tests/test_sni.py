@@ -309,27 +309,33 @@ async def _connect_status(proxy: RunningProxy, target: str) -> bytes:
         w.close()
 
 
-async def test_sni_denied_target_on_a_non_sniff_port_gets_403(
-    upstream: Upstream, stack: AsyncExitStack
+@pytest.mark.parametrize("port", [9443, 8443], ids=["not-sniffed", "sniff-port"])
+async def test_sni_denied_ip_target_gets_403_on_connect(
+    port: int, upstream: Upstream, stack: AsyncExitStack
+) -> None:
+    """A refusal that needs no SNI is answered before the early success reply of the sniff."""
+    cfg = sni_config(upstream, [8443])
+    cfg["deny_targets"] = ["127.0.0.2/32"]
+    proxy, closed = await start_proxy(stack, cfg)
+    reply = await _connect_status(proxy, f"127.0.0.2:{port}")
+    assert reply.startswith(b"HTTP/1.1 403") and b"deny-list" in reply
+    assert (await finished(closed)).outcome == "rejected"
+
+
+@pytest.mark.parametrize("port", [9443, 8443], ids=["not-sniffed", "sniff-port"])
+async def test_sni_denied_ip_target_gets_socks5_not_allowed(
+    port: int, upstream: Upstream, stack: AsyncExitStack
 ) -> None:
     cfg = sni_config(upstream, [8443])
     cfg["deny_targets"] = ["127.0.0.2/32"]
-    proxy, _ = await start_proxy(stack, cfg)
-    reply = await _connect_status(proxy, "127.0.0.2:9443")
-    assert reply.startswith(b"HTTP/1.1 403") and b"deny-list" in reply
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Session._maybe_sniff runs _check_target before any reply, outside tunnel()'s "
-    "try/except that sends reply(e), so a refused IP target on a sniff port gets a bare close "
-    "instead of 403 / SOCKS 0x02 (see /work/notes/bugs.md)",
-)
-async def test_sni_denied_target_on_a_sniff_port_gets_403(
-    upstream: Upstream, stack: AsyncExitStack
-) -> None:
-    cfg = sni_config(upstream, [8443])
-    cfg["deny_targets"] = ["127.0.0.2/32"]
-    proxy, _ = await start_proxy(stack, cfg)
-    reply = await _connect_status(proxy, "127.0.0.2:8443")
-    assert reply.startswith(b"HTTP/1.1 403") and b"deny-list" in reply
+    proxy, closed = await start_proxy(stack, cfg)
+    r, w = await proxy.open()
+    try:
+        w.write(b"\x05\x01\x00")
+        assert await asyncio.wait_for(r.readexactly(2), 5) == b"\x05\x00"
+        w.write(b"\x05\x01\x00\x01" + bytes([127, 0, 0, 2]) + port.to_bytes(2, "big"))
+        reply = await asyncio.wait_for(r.readexactly(10), 5)
+    finally:
+        w.close()
+    assert reply[:2] == b"\x05\x02"  # NOT_ALLOWED, not a success followed by a close
+    assert (await finished(closed)).outcome == "rejected"
