@@ -181,6 +181,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         _print_problems(e.problems)
         return 1
     status = 0
+    health = _live_health(cfg) if not args.json else None
     for target in args.targets:
         try:
             host, port = split_host_port(_strip_url(target), args.port)
@@ -201,7 +202,44 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"  rule:     {d.rule}{line}" + (f" matched {d.matched}" if d.matched else ""))
         if d.registry:
             print(f"  registry: {d.registry} ({d.role})")
+        if d.action == "via" and d.upstream and cfg.admin is not None:
+            print(f"  health:   {_health_line(health, d.upstream)}")
     return status
+
+
+def _live_health(cfg: Any) -> dict[str, Any] | None:
+    """Member health from the running proxy's admin API, if one is configured and answers."""
+    import json
+    import urllib.request
+
+    if cfg.admin is None:
+        return None
+    host = cfg.admin.host if cfg.admin.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{format_host(host)}:{cfg.admin.port}/api/upstreams"
+    req = urllib.request.Request(url)
+    if cfg.admin.token:
+        req.add_header("Authorization", f"Bearer {cfg.admin.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=0.3) as resp:
+            return dict(json.loads(resp.read()).get("upstreams", {}))
+    except (OSError, ValueError):
+        return None
+
+
+def format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _health_line(health: dict[str, Any] | None, name: str) -> str:
+    if health is None:
+        return "unknown (no running proxy answered on the admin: address)"
+    group = health.get(name)
+    if not group:
+        return "unknown (the running proxy has no such upstream; reload it?)"
+    members = ", ".join(
+        f"{m.get('url')} {'up' if m.get('healthy') else 'DOWN'}" for m in group.get("members", [])
+    )
+    return f"{'ok' if group.get('healthy') else 'ALL MEMBERS DOWN'}: {members}"
 
 
 def route_json(cfg: Any, host: str, port: int, d: Any) -> dict[str, Any]:
