@@ -1022,7 +1022,7 @@ def _yaml_block_after(marker: str, text: str) -> str:
 def test_docs_harbor_example_is_accepted_by_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    docs = (ROOT / "docs" / "registries.md").read_text()
+    docs = (ROOT / "README.md").read_text()
     cfg = tmp_path / "rules.yaml"
     cfg.write_text(_yaml_block_after("<!-- harbor-example -->", docs))
     assert cli_main(["check", "-c", str(cfg)]) == 0, capsys.readouterr().err
@@ -1041,5 +1041,5 @@ def test_docs_catalog_table_is_current() -> None:
         text=True,
         check=True,
     ).stdout
-    docs = (ROOT / "docs" / "registries.md").read_text()
-    assert out.strip() in docs, "docs/registries.md: re-run tools/catalog_table.py and paste"
+    docs = (ROOT / "README.md").read_text()
+    assert out.strip() in docs, "README.md: re-run tools/catalog_table.py and paste its table"

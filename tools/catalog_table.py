@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Print the registry catalog (fwdproxy/catalog.yaml) as a Markdown table for the docs.
 
-docs/registries.md pastes this output; tests/test_discover.py fails when the two drift apart, so
+README.md pastes this output; tests/test_discover.py fails when the two drift apart, so
 after editing catalog.yaml run `python tools/catalog_table.py` and paste the table again.
 """
 
