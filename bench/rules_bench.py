@@ -49,8 +49,12 @@ def generate(n: int, seed: int = 7) -> tuple[str, dict[str, list[str]]]:
         else:
             plen = rnd.choice((8, 16, 24, 32))
             a, b, c = (i >> 16) & 255, (i >> 8) & 255, i & 255
-            net = {8: f"{10 + a % 5}.0.0.0", 16: f"172.{16 + a % 16}.{b}.0",
-                   24: f"100.{64 + a % 64}.{b}.{c}", 32: f"198.{18 + a % 2}.{b}.{c}"}[plen]
+            net = {
+                8: f"{10 + a % 5}.0.0.0",
+                16: f"172.{16 + a % 16}.{b}.0",
+                24: f"100.{64 + a % 64}.{b}.{c}",
+                32: f"198.{18 + a % 2}.{b}.{c}",
+            }[plen]
             lines.append(f"  - {{cidr: [{net}/{plen}], {act}}}")
             hits["cidr"].append(net)
     return "\n".join(lines) + "\ndefault: direct\n", hits
@@ -91,8 +95,9 @@ def bench(n: int) -> dict[str, Any]:
         res[f"{name}_ns"] = round(statistics.median(times))
         if name in ("hit", "miss"):
             per_call_ns(router.decide, batch)  # fill the cache
-            res[f"{name}_cached_ns"] = round(statistics.median(
-                per_call_ns(router.decide, batch) for _ in range(BATCHES)))
+            res[f"{name}_cached_ns"] = round(
+                statistics.median(per_call_ns(router.decide, batch) for _ in range(BATCHES))
+            )
     # correctness spot check: a hit really matches its rule kind
     d = router.decide_uncached(hits["suffix"][0], 443) if hits["suffix"] else None
     res["spot_check"] = d.matched if d else ""

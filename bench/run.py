@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -42,7 +43,13 @@ class Settings:
     window_s: float = 1.5
     concurrency: tuple[int, ...] = (1, 64, 512)
     idle_steps: tuple[int, ...] = (1000, 10000)
-    variants: tuple[str, ...] = ("fast/uvloop", "fast/asyncio", "streams/uvloop", "streams/asyncio")
+    variants: tuple[str, ...] = (
+        "fast/uvloop",
+        "fast/asyncio",
+        "fast/uvloop/nosplice",
+        "streams/uvloop",
+        "fast/uvloop/accept",
+    )
     peers: tuple[str, ...] = ("tinyproxy", "pproxy", "microsocks", "dante")
     rule_sizes: tuple[int, ...] = (10, 1000, 100_000)
 
@@ -177,7 +184,9 @@ class ProxySpec:
 
 
 def proxy_specs(s: Settings) -> list[ProxySpec]:
-    out = [ProxySpec(f"fwdproxy {v}", ("connect", "socks5", "http"), "fwdproxy", v) for v in s.variants]
+    out = [
+        ProxySpec(f"fwdproxy {v}", ("connect", "socks5", "http"), "fwdproxy", v) for v in s.variants
+    ]
     peers = {
         "tinyproxy": ProxySpec("tinyproxy", ("connect", "http"), "tinyproxy"),
         "pproxy": ProxySpec("pproxy", ("connect", "socks5", "http"), "pproxy"),
@@ -212,10 +221,15 @@ def render(template: str, port: int, workdir: Path, suffix: str) -> Path:
 
 def proxy_argv(spec: ProxySpec, port: int, workdir: Path) -> list[str]:
     if spec.kind == "fwdproxy":
-        relay, loop = spec.variant.split("/")
+        relay, loop, *extra = spec.variant.split("/")
+        flags = extra[0].split("+") if extra else []
         cfg = render("fwdproxy.yaml", port, workdir, ".yaml")
-        serve = BENCH / "fwdproxy_serve.py"
-        return [sys.executable, str(serve), "--relay", relay, "--", "serve", "-c", str(cfg), "--loop", loop]
+        serve = [sys.executable, str(BENCH / "fwdproxy_serve.py"), "--relay", relay]
+        if "accept" in flags:
+            serve += ["--patch", "accept"]
+        if "nosplice" in flags:
+            serve += ["--no-splice"]
+        return [*serve, "--", "serve", "-c", str(cfg), "--loop", loop]
     if spec.kind == "tinyproxy":
         return ["tinyproxy", "-d", "-c", str(render("tinyproxy.conf", port, workdir, ".conf"))]
     if spec.kind == "dante":
@@ -249,7 +263,7 @@ class Rig:
     origin: str
     procs: Procs
     s: Settings
-    results: dict[str, Any] = field(default_factory=dict)
+    skip: set[str] = field(default_factory=set)
 
     def run_loadgen(self, *args: str, timeout_s: float = 120) -> dict[str, Any]:
         argv = pinned(LOAD_CPU, [str(self.loadgen), *args])
@@ -262,7 +276,12 @@ class Rig:
 def summarize(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def bulk(rig: Rig, mode: str, proxy: str, pid: int | None) -> dict[str, Any]:
@@ -278,16 +297,20 @@ def bulk(rig: Rig, mode: str, proxy: str, pid: int | None) -> dict[str, Any]:
     return {"mibps": summarize(rates), "cpu_s_per_gib": summarize(cpu)}
 
 
-def short(rig: Rig, mode: str, proxy: str, conc: int) -> dict[str, Any]:
-    runs = []
+def short(rig: Rig, mode: str, proxy: str, conc: int, pid: int | None = None) -> dict[str, Any]:
+    runs, cpu = [], []
     for _ in range(rig.s.reps):
+        c0 = cpu_seconds(pid) if pid else 0.0
         r = rig.run_loadgen(
             "short", mode, proxy, rig.origin, str(conc), str(rig.s.warmup_s), str(rig.s.window_s)
         )
         if "failed" in r:
             return {"failed": r["failed"]}
         runs.append(r)
+        if pid and r.get("total_ok"):
+            cpu.append((cpu_seconds(pid) - c0) / r["total_ok"] * 1e6)
     return {
+        "cpu_us_per_tunnel": summarize(cpu),
         "rate": summarize([r["rate"] for r in runs]),
         "p50_us": summarize([r["p50_us"] for r in runs]),
         "p99_us": summarize([r["p99_us"] for r in runs]),
@@ -320,7 +343,9 @@ def idle(rig: Rig, mode: str, proxy: str, pid: int) -> dict[str, Any]:
             time.sleep(0.5)  # let the proxy finish its bookkeeping for the last handshakes
             mem = memory_kib(pid)
             per = {k: (mem[k] - base[k]) / max(ok, 1) for k in mem}
-            out["steps"].append({"tunnels": n, "ok": ok, "errors": err, **mem, "per_tunnel_kib": per})
+            out["steps"].append(
+                {"tunnels": n, "ok": ok, "errors": err, **mem, "per_tunnel_kib": per}
+            )
             p.stdin.write("next\n")
             p.stdin.flush()
     finally:
@@ -328,7 +353,9 @@ def idle(rig: Rig, mode: str, proxy: str, pid: int) -> dict[str, Any]:
     return out
 
 
-def measure_target(rig: Rig, name: str, protos: tuple[str, ...], proxy: str, pid: int | None) -> dict[str, Any]:
+def measure_target(
+    rig: Rig, name: str, protos: tuple[str, ...], proxy: str, pid: int | None
+) -> dict[str, Any]:
     res: dict[str, Any] = {"bulk": {}, "short": {}, "http": {}, "idle": {}}
     socks_like = [m for m in ("connect", "socks5") if m in protos]
     for m in socks_like:
@@ -337,31 +364,36 @@ def measure_target(rig: Rig, name: str, protos: tuple[str, ...], proxy: str, pid
     for m in socks_like:
         for c in rig.s.concurrency:
             print(f"  {name}: short {m} c={c}", flush=True)
-            res["short"][f"{m}/c{c}"] = short(rig, m, proxy, c)
+            res["short"][f"{m}/c{c}"] = short(rig, m, proxy, c, pid)
     if "http" in protos:
         print(f"  {name}: http c=64", flush=True)
-        res["http"]["c64"] = short(rig, "http", proxy, 64)
-    if pid and socks_like:
+        res["http"]["c64"] = short(rig, "http", proxy, 64, pid)
+    if pid and socks_like and "idle" not in rig.skip:
         print(f"  {name}: idle tunnels {socks_like[0]}", flush=True)
         res["idle"] = idle(rig, socks_like[0], proxy, pid)
     return res
 
 
-def run_loads(s: Settings, workdir: Path, loadgen: Path, only: set[str] | None) -> dict[str, Any]:
+def run_loads(
+    s: Settings, workdir: Path, loadgen: Path, only: set[str] | None, skip: set[str]
+) -> dict[str, Any]:
     procs = Procs()
     results: dict[str, Any] = {}
     try:
         oport = free_port()
-        origin = procs.start(pinned(LOAD_CPU, [str(loadgen), "origin", f"127.0.0.1:{oport}"]),
-                             stdout=subprocess.DEVNULL)
+        origin = procs.start(
+            pinned(LOAD_CPU, [str(loadgen), "origin", f"127.0.0.1:{oport}"]),
+            stdout=subprocess.DEVNULL,
+        )
         wait_port(oport, origin)
-        rig = Rig(loadgen, f"127.0.0.1:{oport}", procs, s)
+        rig = Rig(loadgen, f"127.0.0.1:{oport}", procs, s, skip)
         if only is None or "direct" in only:
             print("direct (no proxy)", flush=True)
             results["direct"] = {"idle": {}}
             results["direct"]["bulk"] = {"direct": bulk(rig, "direct", "127.0.0.1:1", None)}
-            results["direct"]["short"] = {f"direct/c{c}": short(rig, "direct", "127.0.0.1:1", c)
-                                          for c in s.concurrency}
+            results["direct"]["short"] = {
+                f"direct/c{c}": short(rig, "direct", "127.0.0.1:1", c) for c in s.concurrency
+            }
             results["direct"]["http"] = {"c64": short(rig, "direct", "127.0.0.1:1", 64)}
         for spec in proxy_specs(s):
             if only is not None and spec.kind not in only and spec.name not in only:
@@ -369,11 +401,17 @@ def run_loads(s: Settings, workdir: Path, loadgen: Path, only: set[str] | None) 
             port = free_port()
             print(spec.name, flush=True)
             log = open(workdir / f"{spec.name.replace(' ', '_').replace('/', '-')}.log", "w")  # noqa: SIM115
-            p = procs.start(pinned(PROXY_CPU, proxy_argv(spec, port, workdir)), stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
+            p = procs.start(
+                pinned(PROXY_CPU, proxy_argv(spec, port, workdir)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=raise_nofile,
+            )
             try:
                 wait_port(port, p)
-                results[spec.name] = measure_target(rig, spec.name, spec.protos, f"127.0.0.1:{port}", p.pid)
+                results[spec.name] = measure_target(
+                    rig, spec.name, spec.protos, f"127.0.0.1:{port}", p.pid
+                )
                 results[spec.name]["protos"] = list(spec.protos)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 results[spec.name] = {"failed": str(e)}
@@ -389,8 +427,9 @@ def run_loads(s: Settings, workdir: Path, loadgen: Path, only: set[str] | None) 
 
 
 def rules_bench(s: Settings) -> dict[str, Any]:
-    argv = pinned(PROXY_CPU, [sys.executable, str(BENCH / "rules_bench.py"),
-                              *[str(n) for n in s.rule_sizes]])
+    argv = pinned(
+        PROXY_CPU, [sys.executable, str(BENCH / "rules_bench.py"), *[str(n) for n in s.rule_sizes]]
+    )
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
     if out.returncode != 0:
         return {"failed": out.stderr[-500:]}
@@ -401,8 +440,9 @@ def cli_bench(workdir: Path, reps: int = 10) -> dict[str, Any]:
     """Wall time of `fwdproxy route HOST` through the installed console script."""
     exe = Path(sys.executable).parent / "fwdproxy"
     cfg = REPO / "rules.yaml"
-    check = subprocess.run([str(exe), "check", "-c", str(cfg)], capture_output=True, text=True,
-                           check=False)
+    check = subprocess.run(
+        [str(exe), "check", "-c", str(cfg)], capture_output=True, text=True, check=False
+    )
     note = "shipped rules.yaml"
     if check.returncode != 0:
         cfg = render("fwdproxy.yaml", free_port(), workdir, ".yaml")
@@ -419,12 +459,25 @@ def cli_bench(workdir: Path, reps: int = 10) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         return times
 
-    imp = subprocess.run([sys.executable, "-X", "importtime", str(exe), "route", "-c", str(cfg),
-                          "registry-1.docker.io"], capture_output=True, text=True, check=False)
+    imp = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            str(exe),
+            "route",
+            "-c",
+            str(cfg),
+            "registry-1.docker.io",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     top = []
     for line in imp.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
-            parts = [x.strip() for x in line[len("import time:"):].split("|")]
+            parts = [x.strip() for x in line[len("import time:") :].split("|")]
             if parts[0].isdigit():
                 top.append((int(parts[1]), parts[2]))
     top.sort(reverse=True)
@@ -454,7 +507,11 @@ def cpu_snapshot() -> dict[str, float]:
 def foreign_cpu(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     wall = max(b["t"] - a["t"], 1e-6)
     foreign = max(0.0, (b["busy"] - a["busy"]) - (b["ours"] - a["ours"]))
-    return {"foreign_cpu_pct": 100 * foreign / wall, "loadavg_start": a["load"], "loadavg_end": b["load"]}
+    return {
+        "foreign_cpu_pct": 100 * foreign / wall,
+        "loadavg_start": a["load"],
+        "loadavg_end": b["load"],
+    }
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -499,16 +556,25 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: small loads, 1 repeat")
-    ap.add_argument("--only", help="comma list of targets: direct,fwdproxy,tinyproxy,pproxy,microsocks,dante")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: loads,rules,cli")
+    ap.add_argument(
+        "--only", help="comma list of targets: direct,fwdproxy,tinyproxy,pproxy,microsocks,dante"
+    )
+    ap.add_argument(
+        "--skip", default="", help="comma list of sections to skip: loads,idle,rules,cli"
+    )
+    ap.add_argument("--variants", help="fwdproxy variants RELAY/LOOP[/accept], comma list")
     ap.add_argument("--out", help="results file stem (default bench/results/<date>[-quick])")
     args = ap.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         print("need 2 CPUs (proxy on CPU 0, load on CPU 1)", file=sys.stderr)
         return 2
     s = QUICK if args.quick else Settings()
+    if args.variants:
+        s = dataclasses.replace(s, variants=tuple(args.variants.split(",")))
     only = set(args.only.split(",")) if args.only else None
     skip = set(args.skip.split(",")) if args.skip else set()
     raise_nofile()
@@ -519,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     if "loads" not in skip:
         loadgen = build_loadgen()
         before = cpu_snapshot()
-        data["loads"] = run_loads(s, workdir, loadgen, only)
+        data["loads"] = run_loads(s, workdir, loadgen, only, skip)
         data["noise"] = foreign_cpu(before, cpu_snapshot())
     if "rules" not in skip:
         print("rule engine", flush=True)
@@ -530,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     data["elapsed_s"] = round(time.monotonic() - started, 1)
     from report import write_report  # bench/report.py
 
-    stem = args.out or (BENCH / "results" / (dt.date.today().isoformat() + ("-quick" if args.quick else "")))
+    stem = args.out or (
+        BENCH / "results" / (dt.date.today().isoformat() + ("-quick" if args.quick else ""))
+    )
     md = write_report(data, Path(stem))
     print(md)
     print(f"\nwrote {stem}.md and {stem}.json in {data['elapsed_s']}s")

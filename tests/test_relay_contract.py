@@ -28,7 +28,29 @@ from fwdproxy import relay_fast
 from fwdproxy.relay import Counters, Endpoint, RelayResult
 
 RelayFn = Callable[..., Awaitable[RelayResult]]
-RELAYS: dict[str, RelayFn] = {"streams": relay_streams.relay, "fast": relay_fast.relay}
+
+
+def _fast_with_splice_after(threshold: int | None) -> RelayFn:
+    """relay_fast with splicing from the first byte (0) or never (None)."""
+
+    async def run(*args: Any, **kwargs: Any) -> RelayResult:
+        saved = relay_fast.SPLICE_AFTER
+        relay_fast.SPLICE_AFTER = threshold
+        try:
+            return await relay_fast.relay(*args, **kwargs)
+        finally:
+            relay_fast.SPLICE_AFTER = saved
+
+    return run
+
+
+RELAYS: dict[str, RelayFn] = {
+    "streams": relay_streams.relay,
+    "fast": relay_fast.relay,  # plain path, spliced after SPLICE_AFTER bytes (Linux)
+    "fast-nosplice": _fast_with_splice_after(None),
+}
+if relay_fast.SPLICE_AFTER is not None:
+    RELAYS["fast-splice0"] = _fast_with_splice_after(0)
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
 try:
