@@ -1,8 +1,8 @@
 """Shared fixtures: real upstream proxies (session), origins and the proxy under test (per test).
 
-Upstream processes are started once per run because they cost a Python start-up each; every
-test that asserts on an upstream's log looks only at lines for its own origin's port, so
-sharing them cannot leak between tests.
+Upstream processes are started once per run because they cost a Python start-up each. Every
+test that asserts on an upstream's log looks only at the lines written during that test and
+for its own origin's port, so sharing them cannot leak between tests.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    STARTED_UPSTREAMS,
     Blackhole,
     EchoServer,
     HashServer,
@@ -30,11 +31,12 @@ from helpers import (
 )
 from hypothesis import HealthCheck, settings
 
+# No per-example deadline: a loaded 2-core CI machine must not turn slowness into failures.
+settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
-    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200
+    "thorough", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=2000
 )
-settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fast", deadline=None, max_examples=25)
+settings.register_profile("fast", deadline=None, max_examples=20)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
@@ -50,6 +52,13 @@ def _upstream(
         yield up
     finally:
         up.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream_logs() -> None:
+    """Each test sees only the tunnels its own run logged (ports get reused across tests)."""
+    for up in STARTED_UPSTREAMS:
+        up.reset()
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,8 @@ class Proc:
 
     def stop(self, grace_s: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL after grace_s; returns the exit code."""
+        if self in STARTED_UPSTREAMS:
+            STARTED_UPSTREAMS.remove(self)  # type: ignore[arg-type]
         try:
             if self.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -126,8 +128,16 @@ class Proc:
             self._log.close()
 
 
+STARTED_UPSTREAMS: list[Upstream] = []
+
+
 class Upstream(Proc):
-    """A real upstream proxy process whose log tells which targets it carried."""
+    """A real upstream proxy process whose log tells which targets it carried.
+
+    Upstreams live for the whole run while origins come and go, and a new origin may get the
+    port of an earlier one: `carried()` and `total()` therefore count only log lines written
+    since `reset()`, which conftest calls before every test.
+    """
 
     def __init__(
         self,
@@ -143,6 +153,23 @@ class Upstream(Proc):
         self.scheme = scheme
         self.port = port
         self._carried_fmt = carried_fmt  # regex with {port}
+        self._since = 0
+        STARTED_UPSTREAMS.append(self)
+
+    def reset(self) -> None:
+        """Forget what was carried so far (the log file stays whole for debugging)."""
+        try:
+            self._since = self.log_path.stat().st_size
+        except FileNotFoundError:
+            self._since = 0
+
+    def recent_log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._since)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     @property
     def url(self) -> str:
@@ -151,18 +178,19 @@ class Upstream(Proc):
     def carried(self, port: int) -> int:
         """How many tunnels to target port `port` this upstream has logged so far."""
         rx = re.compile(self._carried_fmt.format(port=port), re.M)
-        return len(rx.findall(self.log()))
+        return len(rx.findall(self.recent_log()))
 
     def total(self) -> int:
         """Tunnels carried to any port."""
         rx = re.compile(self._carried_fmt.format(port=r"\d+"), re.M)
-        return len(rx.findall(self.log()))
+        return len(rx.findall(self.recent_log()))
 
     async def wait_carried(self, port: int, count: int = 1, timeout_s: float = 5.0) -> None:
         await poll_until(
             lambda: self.carried(port) >= count,
             timeout_s,
-            f"{self.name} to log {count} tunnel(s) to port {port}; log:\n{self.log()[-2000:]}",
+            f"{self.name} to log {count} tunnel(s) to port {port}; "
+            f"log:\n{self.recent_log()[-2000:]}",
         )
 
 
@@ -237,6 +265,7 @@ def _wait_started(up: Upstream) -> None:
     except BaseException:
         up.stop()
         raise
+    up.reset()
 
 
 def clean_env() -> dict[str, str]:

@@ -298,3 +298,43 @@ async def test_route_connect_to_the_proxy_itself_is_refused(proxy: RunningProxy)
     resp = await http_exchange(proxy, connect_head(proxy.addr), method="CONNECT")
     assert resp.status == 403
     assert "loop" in resp.text
+
+
+@pytest.fixture
+async def denied_echo(make_proxy: Any) -> AsyncIterator[tuple[RunningProxy, EchoServer]]:
+    """An echo server on 127.0.0.2 and a proxy whose deny-list holds exactly that address."""
+    async with EchoServer(host="127.0.0.2") as e:
+        yield await make_proxy(deny_targets=["127.0.0.2/32"]), e
+
+
+async def test_route_deny_list_refuses_the_canonical_address(
+    denied_echo: tuple[RunningProxy, EchoServer],
+) -> None:
+    proxy, echo = denied_echo
+    resp = await http_exchange(proxy, connect_head(f"127.0.0.2:{echo.port}"), method="CONNECT")
+    assert resp.status == 403
+    assert echo.connections == 0
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["2130706434", "127.2", "0177.0.0.2", "0x7f000002"],
+    ids=["integer", "short", "octal", "hex"],
+)
+async def test_route_deny_list_cannot_be_bypassed_by_ipv4_spellings(
+    denied_echo: tuple[RunningProxy, EchoServer], spelling: str
+) -> None:
+    proxy, echo = denied_echo
+    resp = await http_exchange(proxy, connect_head(f"{spelling}:{echo.port}"), method="CONNECT")
+    assert resp.status in (400, 403), resp.status
+    assert echo.connections == 0
+
+
+async def test_route_deny_list_cannot_be_bypassed_by_ipv4_mapped_ipv6(
+    denied_echo: tuple[RunningProxy, EchoServer],
+) -> None:
+    proxy, echo = denied_echo
+    head = connect_head(f"[::ffff:127.0.0.2]:{echo.port}")
+    resp = await http_exchange(proxy, head, method="CONNECT")
+    assert resp.status in (400, 403), resp.status
+    assert echo.connections == 0
