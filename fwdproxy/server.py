@@ -56,7 +56,7 @@ class ServerState:
 
     def closed(self, info: ConnInfo) -> None:
         self.connections.pop(info.id, None)
-        if info.outcome not in ("ok", "client", "target", "empty", "client-reset"):
+        if info.outcome not in ("ok", "client", "target", "empty", "client-reset", "target-reset"):
             self.recent_errors.append({"ts": time.time(), **info.as_dict(), "error": info.error})
             del self.recent_errors[:-50]
         for o in self.observers:

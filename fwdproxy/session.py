@@ -269,7 +269,12 @@ class Session:
             idle_timeout_s=self.config.limits.idle_timeout_s,
             counters=self.info.counters,
         )
-        self._finish("ok" if res.error is None else res.closed_by, res.error)
+        outcome = "ok" if res.error is None else res.closed_by
+        if res.error and res.error.startswith(("ConnectionResetError", "BrokenPipeError")):
+            # A reset at the end of an exchange is how many servers close (lingering close):
+            # worth recording, not worth a warning.
+            outcome = res.closed_by.replace("-error", "-reset")
+        self._finish(outcome, res.error)
 
     async def _maybe_sniff(
         self, host: str, port: int, prefetched: bytes, reply: Any
@@ -477,7 +482,7 @@ class Session:
             fields["requests"] = i.requests
         if i.error:
             fields["error"] = i.error
-        ok = i.outcome in ("ok", "client", "target", "empty")
+        ok = i.outcome in ("ok", "client", "target", "empty", "client-reset", "target-reset")
         access.log(logging.INFO if ok else logging.WARNING, "", extra={"fields": fields})
 
 
