@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fwdproxy.config import (
@@ -632,6 +632,7 @@ def _without_known_crashes(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+@settings(max_examples=60)
 @given(st.dictionaries(KEYS, TREES, max_size=6))
 def test_parse_config_never_crashes_on_arbitrary_structures(data: dict[str, Any]) -> None:
     """Any YAML-shaped input yields a Config or a ConfigError whose problems are all strings."""

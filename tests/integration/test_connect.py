@@ -242,3 +242,21 @@ async def test_connect_auth_with_curl_proxy_user(make_proxy: object, origin: obj
     denied = await curl("-p", "-x", proxy.url, "-U", "alice:nope", url)
     assert denied.rc != 0
     assert "407" in denied.err
+
+
+async def test_connect_many_concurrent_tunnels_on_both_routes(
+    proxy: RunningProxy, echo: EchoServer, socks_upstream: Upstream
+) -> None:
+    async def one(i: int) -> None:
+        name = TUNNEL_NAME if i % 4 == 0 else DIRECT_NAME
+        r, w = await open_connect_tunnel(proxy, f"{name}:{echo.port}")
+        try:
+            msg = f"tunnel-{i}".encode() * 100
+            w.write(msg)
+            assert await asyncio.wait_for(r.readexactly(len(msg)), 10) == msg
+        finally:
+            w.close()
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(100))), 30)
+    assert echo.connections == 100
+    await socks_upstream.wait_carried(echo.port, 25)

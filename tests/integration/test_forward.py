@@ -379,3 +379,65 @@ async def test_read_chunked_helper_decodes(proxy: RunningProxy) -> None:
     reader.feed_data(b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n")
     reader.feed_eof()
     assert await read_chunked(reader) == b"abc"
+
+
+# -- request framing and Host -------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: forward.py keeps the client's Host header; RFC 9112 §3.2.2 says a proxy MUST "
+    "replace it with the absolute URL's authority (otherwise Host can name a rejected site)",
+)
+async def test_forward_host_header_is_replaced_by_the_url_authority(proxy: RunningProxy) -> None:
+    async with CaptureOrigin() as cap:
+        authority = f"{DIRECT_NAME}:{cap.port}"
+        resp = await http_exchange(proxy, get(f"http://{authority}/", "x.blocked.test"))
+    assert resp.status == 200
+    assert cap.requests[0].header("host") == authority
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a request with both Transfer-Encoding: chunked and Content-Length is forwarded "
+    "with both headers (RFC 9112 §6.1: remove Content-Length or reject); smuggling vector",
+)
+async def test_forward_never_sends_both_content_length_and_chunked(proxy: RunningProxy) -> None:
+    async with CaptureOrigin() as cap:
+        authority = f"{DIRECT_NAME}:{cap.port}"
+        head = get(
+            f"http://{authority}/up",
+            authority,
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+            "POST",
+        )
+        resp = await http_exchange(proxy, head + b"5\r\nhello\r\n0\r\n\r\n")
+    if resp.status == 400:
+        assert cap.requests == []
+        return
+    assert resp.status == 200
+    seen = cap.requests[0]
+    assert not ({"content-length", "transfer-encoding"} <= seen.names()), seen.headers
+
+
+async def test_forward_conflicting_content_lengths_are_400(proxy: RunningProxy) -> None:
+    async with CaptureOrigin() as cap:
+        authority = f"{DIRECT_NAME}:{cap.port}"
+        head = get(
+            f"http://{authority}/", authority, "Content-Length: 5\r\nContent-Length: 6\r\n", "POST"
+        )
+        resp = await http_exchange(proxy, head + b"hello!")
+    assert resp.status == 400
+    assert cap.requests == []
+
+
+async def test_forward_connection_close_is_honoured(proxy: RunningProxy, origin: Origin) -> None:
+    authority = f"{DIRECT_NAME}:{origin.port}"
+    r, w = await proxy.open()
+    try:
+        w.write(get(f"http://{authority}/echo/bye", authority, "Connection: close\r\n"))
+        resp = await read_response(r)
+        assert resp.status == 200
+        assert await asyncio.wait_for(r.read(), 5) == b""  # the proxy closed after the response
+    finally:
+        w.close()

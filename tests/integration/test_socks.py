@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 from typing import Any
@@ -23,6 +24,9 @@ from helpers import (
 )
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
+
+from fwdproxy.dial import classify_os_error
+from fwdproxy.errors import Socks5Reply
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,6 +199,53 @@ async def test_socks5_unresolvable_name_is_0x04(
     w.close()
     assert asked == ["nx.test"]
     assert reply.code == 0x04
+
+
+async def test_socks5_unclassified_dial_error_is_0x01(
+    proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def fake_getaddrinfo(host: Any, *args: Any, **kw: Any) -> Any:
+        if host == "odd.test":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return await real(host, *args, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+    reply, _, w = await socks5_request(proxy, "odd.test", 80)
+    w.close()
+    assert reply.code == 0x01
+
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (socket.gaierror(socket.EAI_NONAME, "x"), Socks5Reply.HOST_UNREACHABLE),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "x"), Socks5Reply.CONNECTION_REFUSED),
+        (OSError(errno.ENETUNREACH, "x"), Socks5Reply.NETWORK_UNREACHABLE),
+        (OSError(errno.EHOSTUNREACH, "x"), Socks5Reply.HOST_UNREACHABLE),
+        (OSError(errno.ETIMEDOUT, "x"), Socks5Reply.TTL_EXPIRED),
+        (
+            OSError("Multiple exceptions: [Errno 111] Connect call failed"),
+            Socks5Reply.CONNECTION_REFUSED,
+        ),
+        (OSError("Multiple exceptions: [Errno 113] No route"), Socks5Reply.HOST_UNREACHABLE),
+        (OSError(errno.EACCES, "x"), Socks5Reply.GENERAL_FAILURE),
+    ],
+    ids=[
+        "dns",
+        "refused",
+        "net-unreach",
+        "host-unreach",
+        "timeout",
+        "multi-refused",
+        "multi-unreach",
+        "other",
+    ],
+)
+def test_dial_error_to_socks5_reply_mapping(exc: OSError, code: Socks5Reply) -> None:
+    assert classify_os_error(exc)[0] == code
 
 
 async def test_socks5_python_socks_sees_the_reply_code(proxy: RunningProxy) -> None:
