@@ -7,6 +7,7 @@ for its own origin's port, so sharing them cannot leak between tests.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 from helpers import (
     STARTED_UPSTREAMS,
     Blackhole,
+    DnsGuard,
     EchoServer,
     HashServer,
     Origin,
@@ -105,10 +107,23 @@ MakeProxy = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def make_proxy(socks_upstream: Upstream) -> AsyncIterator[MakeProxy]:
+async def dns_guard() -> AsyncIterator[DnsGuard]:
+    """No name but `localhost` resolves in this test's loop; fails the test if one was tried."""
+    guard = DnsGuard(asyncio.get_running_loop())
+    guard.install()
+    try:
+        yield guard
+    finally:
+        guard.uninstall()
+    assert not guard.blocked, f"the proxy tried to resolve {guard.blocked} through DNS"
+
+
+@pytest.fixture
+async def make_proxy(socks_upstream: Upstream, dns_guard: DnsGuard) -> AsyncIterator[MakeProxy]:
     """`await make_proxy(**proxy_config_kwargs)` or `await make_proxy(config=dict)`.
 
-    The upstream defaults to the session's asyncio-socks-server.
+    The upstream defaults to the session's asyncio-socks-server. The DNS guard is active for
+    as long as the proxy runs.
     """
     async with AsyncExitStack() as stack:
 

@@ -277,6 +277,44 @@ def clean_env() -> dict[str, str]:
 # -- the proxy under test ----------------------------------------------------------------------
 
 
+class DnsGuard:
+    """Wraps the loop's getaddrinfo so the in-process proxy can never query a real DNS server.
+
+    Only `localhost` resolves (from /etc/hosts); any other name fails like NXDOMAIN and is
+    recorded, so a test can assert that the proxy never tried to resolve a name it should
+    have taken from `hosts:` or left to the upstream.
+    """
+
+    ALLOWED = frozenset({"localhost"})
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.real = loop.getaddrinfo
+        self.blocked: list[str] = []
+
+    async def getaddrinfo(self, host: Any, *args: Any, **kw: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name in self.ALLOWED or _is_ip(name):
+            return await self.real(host, *args, **kw)
+        self.blocked.append(name)
+        raise socket.gaierror(socket.EAI_NONAME, f"test DNS guard: {name} not resolvable")
+
+    def install(self) -> None:
+        self.loop.getaddrinfo = self.getaddrinfo  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        if self.loop.getaddrinfo == self.getaddrinfo:
+            del self.loop.getaddrinfo  # back to the class attribute
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def proxy_config(
     upstream_url: str | None = None,
     *,

@@ -22,6 +22,7 @@ from helpers import (
     DIRECT_NAME,
     LOOPBACK,
     TUNNEL_NAME,
+    DnsGuard,
     EchoServer,
     Origin,
     RunningProxy,
@@ -29,6 +30,7 @@ from helpers import (
     connect_head,
     curl,
     http_exchange,
+    open_connect_tunnel,
     socks4_request,
     socks5_request,
 )
@@ -338,3 +340,110 @@ async def test_route_deny_list_cannot_be_bypassed_by_ipv4_mapped_ipv6(
     resp = await http_exchange(proxy, head, method="CONNECT")
     assert resp.status in (400, 403), resp.status
     assert echo.connections == 0
+
+
+# -- name normalisation at the edge (the DNS guard proves no lookup escaped) -------------------
+
+
+async def test_route_dns_guard_is_active(proxy: RunningProxy, dns_guard: DnsGuard) -> None:
+    """Self-test of the rig: an unknown direct name is looked up, and the guard stops it."""
+    resp = await http_exchange(proxy, connect_head("unknown-name.example:80"), method="CONNECT")
+    assert resp.status == 502 and "cannot resolve" in resp.text
+    assert dns_guard.blocked == ["unknown-name.example"]
+    dns_guard.blocked.clear()
+
+
+SPELLINGS = pytest.mark.parametrize(
+    "spelling", ["DIRECT.TEST", "direct.test.", "Direct.Test."], ids=["upper", "dot", "mixed-dot"]
+)
+SOCKS_NAME_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="bug: SOCKS5 DOMAIN / SOCKS4a host names are never passed through normalise_host "
+    "(proto/socks.py _decode_hostname, session.tunnel), so case, a trailing dot or an inet_aton "
+    "spelling skip hosts:, reject/tunnel rules and the deny-list and go to DNS",
+)
+
+
+def tunnel_spelling(spelling: str) -> str:
+    return {"DIRECT.TEST": "LOCALHOST", "direct.test.": "localhost.", "Direct.Test.": "LocalHost."}[
+        spelling
+    ]
+
+
+@SPELLINGS
+async def test_route_connect_names_are_normalised(
+    proxy: RunningProxy, echo: EchoServer, socks_upstream: Upstream, spelling: str
+) -> None:
+    _, w = await open_connect_tunnel(proxy, f"{spelling}:{echo.port}")
+    w.close()
+    _, w = await open_connect_tunnel(proxy, f"{tunnel_spelling(spelling)}:{echo.port}")
+    w.close()
+    await socks_upstream.wait_carried(echo.port)
+    url = f"http://{spelling}:{echo.port}/"
+    resp = await http_exchange(proxy, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert resp.status == 502  # the echo server is no HTTP origin: but it was reached directly
+    assert echo.connections == 3
+
+
+@SOCKS_NAME_BUG
+@SPELLINGS
+async def test_route_socks5_names_are_normalised(
+    proxy: RunningProxy, echo: EchoServer, dns_guard: DnsGuard, spelling: str
+) -> None:
+    try:
+        reply, _, w = await socks5_request(proxy, spelling, echo.port)
+        w.close()
+        assert reply.code == 0
+        reply, _, w = await socks5_request(proxy, tunnel_spelling(spelling), echo.port)
+        w.close()
+        assert reply.code == 0
+        assert dns_guard.blocked == []
+    finally:
+        dns_guard.blocked.clear()
+
+
+@SOCKS_NAME_BUG
+@SPELLINGS
+async def test_route_socks4a_names_are_normalised(
+    proxy: RunningProxy, echo: EchoServer, dns_guard: DnsGuard, spelling: str
+) -> None:
+    try:
+        code, _, w = await socks4_request(proxy, spelling, echo.port)
+        w.close()
+        assert code == 0x5A
+        assert dns_guard.blocked == []
+    finally:
+        dns_guard.blocked.clear()
+
+
+async def test_route_connect_blocked_name_in_any_spelling_is_rejected(proxy: RunningProxy) -> None:
+    for spelling in ("X.BLOCKED.TEST", "x.blocked.test.", "deep.X.Blocked.Test"):
+        resp = await http_exchange(proxy, connect_head(f"{spelling}:443"), method="CONNECT")
+        assert resp.status == 403, spelling
+
+
+@SOCKS_NAME_BUG
+@pytest.mark.parametrize("spelling", ["X.BLOCKED.TEST", "x.blocked.test.", "deep.X.Blocked.Test"])
+async def test_route_socks5_blocked_name_in_any_spelling_is_rejected(
+    proxy: RunningProxy, dns_guard: DnsGuard, spelling: str
+) -> None:
+    try:
+        reply, _, w = await socks5_request(proxy, spelling, 443)
+        w.close()
+        assert reply.code == 0x02
+    finally:
+        dns_guard.blocked.clear()
+
+
+@SOCKS_NAME_BUG
+@pytest.mark.parametrize("spelling", ["2130706434", "127.2", "0x7f000002"])
+async def test_route_socks5_deny_list_cannot_be_bypassed_by_ipv4_spellings(
+    denied_echo: tuple[RunningProxy, EchoServer], dns_guard: DnsGuard, spelling: str
+) -> None:
+    proxy, echo = denied_echo
+    try:
+        reply, _, w = await socks5_request(proxy, spelling, echo.port)
+        w.close()
+        assert reply.code == 0x02
+    finally:
+        dns_guard.blocked.clear()
