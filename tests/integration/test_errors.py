@@ -14,6 +14,7 @@ from helpers import (
     EchoServer,
     RunningProxy,
     assert_closed_without_reply,
+    closed_port,
     connect_head,
     http_exchange,
     open_connect_tunnel,
@@ -255,5 +256,88 @@ async def test_socks4a_request_split_into_single_bytes(
             w.write(data[i : i + 1])
             await w.drain()
         assert (await asyncio.wait_for(r.readexactly(8), 5))[1] == 0x5A
+    finally:
+        w.close()
+
+
+# -- peers vanishing mid-stream ------------------------------------------------------------
+
+
+def get_head(authority: str, path: str, extra: str = "") -> bytes:
+    return f"GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n".encode()
+
+
+async def test_client_gone_mid_download_frees_the_connection(
+    proxy: RunningProxy, origin: Any, echo: EchoServer
+) -> None:
+    authority = f"{DIRECT_NAME}:{origin.port}"
+    r, w = await proxy.open()
+    w.write(get_head(authority, f"/bytes/{64 * 1024 * 1024}"))
+    await asyncio.wait_for(r.readexactly(100_000), 10)
+    w.transport.abort()  # type: ignore[attr-defined]
+    await poll_until(lambda: not proxy.server.state.connections, 10, "the session to end")
+    await assert_serves(proxy, echo)
+
+
+async def test_client_gone_mid_tunnel_frees_the_connection(
+    proxy: RunningProxy, echo: EchoServer
+) -> None:
+    r, w = await open_connect_tunnel(proxy, f"{DIRECT_NAME}:{echo.port}")
+    w.write(b"z" * 1_000_000)
+    await asyncio.wait_for(r.readexactly(1000), 10)
+    w.transport.abort()  # type: ignore[attr-defined]
+    await poll_until(lambda: not proxy.server.state.connections, 10, "the tunnel to end")
+    await assert_serves(proxy, echo)
+
+
+async def test_origin_truncating_its_response_closes_the_client(proxy: RunningProxy) -> None:
+    from helpers import CaptureOrigin
+
+    truncated = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
+    async with CaptureOrigin(truncated, close_after=True) as cap:
+        authority = f"{DIRECT_NAME}:{cap.port}"
+        r, w = await proxy.open()
+        try:
+            w.write(get_head(authority, "/"))
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            rest = await asyncio.wait_for(r.read(), 10)  # must end, not hang
+            assert len(rest) < 1000  # the client can tell the body is incomplete
+        finally:
+            w.close()
+
+
+async def test_upstream_dying_mid_tunnel_ends_the_client_tunnel(make_proxy: Any) -> None:
+    from helpers import MiniSocks5
+
+    async with EchoServer() as echo, MiniSocks5() as up:
+        proxy = await make_proxy(upstream_url=f"socks5://127.0.0.1:{up.port}")
+        r, w = await open_connect_tunnel(proxy, f"localhost:{echo.port}")
+        try:
+            w.write(b"before")
+            assert await asyncio.wait_for(r.readexactly(6), 5) == b"before"
+            await up.stop()
+            assert await asyncio.wait_for(r.read(), 10) == b""
+        finally:
+            w.close()
+        await poll_until(lambda: not proxy.server.state.connections, 10, "the tunnel to end")
+
+
+async def test_forward_connection_survives_502_and_407(make_proxy: Any, origin: Any) -> None:
+    import base64
+
+    proxy = await make_proxy(auth={"users": {"alice": "secret"}})
+    token = base64.b64encode(b"alice:secret").decode()
+    cred = f"Proxy-Authorization: Basic {token}\r\n"
+    good = f"{DIRECT_NAME}:{origin.port}"
+    r, w = await proxy.open()
+    try:
+        w.write(get_head(good, "/echo/1"))  # no credentials
+        assert (await read_response(r)).status == 407
+        w.write(get_head(f"{DIRECT_NAME}:{closed_port()}", "/x", cred))  # refused
+        assert (await read_response(r)).status == 502
+        w.write(get_head(good, "/echo/2", cred))
+        resp = await read_response(r)
+        assert resp.status == 200 and resp.json()["path"] == "/echo/2"
     finally:
         w.close()
