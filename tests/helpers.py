@@ -49,11 +49,23 @@ CHUNK = 256 * 1024
 # -- waiting -----------------------------------------------------------------------------------
 
 
+# Ports handed to subprocesses (or used as "nothing listens here") come from below the
+# kernel's ephemeral range, so that the many outgoing connections and port-0 listeners of a
+# test run cannot grab them between our check and their use.
+_PORTS = random.Random(os.getpid() ^ int(time.time()))
+
+
 def closed_port() -> int:
-    """A loopback port with nothing listening on it (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A loopback port with nothing listening on it right now, outside the ephemeral range."""
+    for _ in range(200):
+        port = _PORTS.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-32000")
 
 
 def wait_port_sync(host: str, port: int, timeout_s: float = 15.0, proc: Proc | None = None) -> None:
@@ -200,7 +212,30 @@ def _py_env() -> dict[str, str]:
     return env
 
 
+def _with_retries(start: Callable[[Path], Upstream], tmp: Path) -> Upstream:
+    """Start an upstream on a fresh port, again if another process took the port meanwhile."""
+    for attempt in range(5):
+        try:
+            return start(tmp)
+        except RuntimeError:  # exited early: most likely "address already in use"
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def start_asyncio_socks(tmp: Path) -> Upstream:
+    return _with_retries(_start_asyncio_socks, tmp)
+
+
+def start_microsocks(tmp: Path) -> Upstream:
+    return _with_retries(_start_microsocks, tmp)
+
+
+def start_tinyproxy(tmp: Path) -> Upstream:
+    return _with_retries(_start_tinyproxy, tmp)
+
+
+def _start_asyncio_socks(tmp: Path) -> Upstream:
     port = closed_port()
     up = Upstream(
         "asyncio-socks-server",
@@ -224,7 +259,7 @@ def start_asyncio_socks(tmp: Path) -> Upstream:
     return up
 
 
-def start_microsocks(tmp: Path) -> Upstream:
+def _start_microsocks(tmp: Path) -> Upstream:
     port = closed_port()
     up = Upstream(
         "microsocks",
@@ -238,7 +273,7 @@ def start_microsocks(tmp: Path) -> Upstream:
     return up
 
 
-def start_tinyproxy(tmp: Path) -> Upstream:
+def _start_tinyproxy(tmp: Path) -> Upstream:
     port = closed_port()
     log = tmp / "tinyproxy.log"
     conf = tmp / "tinyproxy.conf"

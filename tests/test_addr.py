@@ -21,7 +21,13 @@ from fwdproxy.addr import (
 LABEL = st.text("abcxyz0189-", min_size=1, max_size=12).filter(
     lambda s: s[0] != "-" and s[-1] != "-"
 )
-NAME = st.lists(LABEL, min_size=1, max_size=5).map(".".join).filter(lambda h: ip_of(h) is None)
+# Host names proper: the last label starts with a letter (an all-numeric or 0x last label is
+# an IPv4 spelling, handled separately below).
+NAME = (
+    st.lists(LABEL, min_size=1, max_size=5)
+    .map(".".join)
+    .filter(lambda h: h.rsplit(".", 1)[-1][0].isalpha())
+)
 IPV4 = st.ip_addresses(v=4).map(str)
 IPV6 = st.ip_addresses(v=6).map(str)
 

@@ -75,20 +75,36 @@ default: direct
     return cfg
 
 
+def start_serve(tmp_path: Path, upstream_url: str, *args: str) -> tuple[Proc, int]:
+    """`python -m fwdproxy serve` on a fresh port; retried if the port was taken meanwhile."""
+    for attempt in range(5):
+        port = closed_port()
+        cfg = serve_config(tmp_path, port, upstream_url)
+        proc = Proc(
+            "fwdproxy",
+            [sys.executable, "-m", "fwdproxy", "serve", "-c", str(cfg), *args],
+            tmp_path / f"serve-{attempt}.log",
+            env=clean_env(),
+        )
+        try:
+            wait_port_sync(LOOPBACK, port, 20, proc)
+            return proc, port
+        except RuntimeError:  # exited: "cannot listen" when another process took the port
+            proc.stop()
+            if "cannot listen" not in proc.log():
+                raise
+        except BaseException:
+            proc.stop()
+            raise
+    raise AssertionError("could not start fwdproxy serve on a free port")
+
+
 @pytest.mark.parametrize("loop", ["auto", "asyncio"], ids=["default-loop", "asyncio-loop"])
 async def test_cli_serve_routes_both_ways_and_exits_0_on_sigterm(
     tmp_path: Path, origin: Origin, socks_upstream: Upstream, loop: str
 ) -> None:
-    port = closed_port()
-    cfg = serve_config(tmp_path, port, socks_upstream.url)
-    proc = Proc(
-        "fwdproxy",
-        [sys.executable, "-m", "fwdproxy", "serve", "-c", str(cfg), "--loop", loop],
-        tmp_path / "serve.log",
-        env=clean_env(),
-    )
+    proc, port = start_serve(tmp_path, socks_upstream.url, "--loop", loop)
     try:
-        wait_port_sync(LOOPBACK, port, 20, proc)
         url = f"http://{LOOPBACK}:{port}"
         tunnelled = await curl("-p", "-x", url, origin.url("/echo/t", TUNNEL_NAME))
         assert tunnelled.rc == 0, tunnelled.err + proc.log()
@@ -111,25 +127,9 @@ async def test_cli_serve_routes_both_ways_and_exits_0_on_sigterm(
 async def test_cli_serve_upstream_override_flag(
     tmp_path: Path, origin: Origin, socks_upstream: Upstream
 ) -> None:
-    port = closed_port()
-    cfg = serve_config(tmp_path, port, f"socks5://{LOOPBACK}:{closed_port()}")  # dead on purpose
-    proc = Proc(
-        "fwdproxy",
-        [
-            sys.executable,
-            "-m",
-            "fwdproxy",
-            "serve",
-            "-c",
-            str(cfg),
-            "--upstream",
-            socks_upstream.url,
-        ],
-        tmp_path / "serve.log",
-        env=clean_env(),
-    )
+    dead = f"socks5://{LOOPBACK}:{closed_port()}"  # the config's upstream: dead on purpose
+    proc, port = start_serve(tmp_path, dead, "--upstream", socks_upstream.url)
     try:
-        wait_port_sync(LOOPBACK, port, 20, proc)
         res = await curl("-x", f"http://{LOOPBACK}:{port}", origin.url("/echo/o", TUNNEL_NAME))
         assert res.rc == 0 and b"/echo/o" in res.out, res.err + proc.log()
         await socks_upstream.wait_carried(origin.port)
