@@ -122,6 +122,7 @@ class Config:
     users: Mapping[str, str] = field(default_factory=dict)  # user -> "plain:..." | "sha256:<hex>"
     allow_any_client: bool = False
     deny_targets: tuple[str, ...] = ()
+    deny_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     loopback_targets: bool = False
     sniff_tls: SniffTLS = SniffTLS()
     admin: AdminSpec | None = None
@@ -152,10 +153,20 @@ class _Problems:
     def __init__(self, path: str) -> None:
         self.path = path
         self.items: list[str] = []
+        self.section_lines: dict[Any, int] = {}
 
     def add(self, line: int | None, where: str, what: str) -> None:
+        if not line:  # a scalar has no line of its own: use the line of its top-level key
+            line = self.section_lines.get(re.split(r"[.\[]", where, maxsplit=1)[0])
         loc = f"{self.path}:{line}" if line else self.path
         self.items.append(f"{loc}: {where}: {what}")
+
+
+def _unknown_keys(raw: Mapping[Any, Any], known: set[str], where: str, p: _Problems) -> None:
+    """Typos must not pass silently: `auth: {user: ...}` would otherwise disable auth."""
+    for key in raw:
+        if key not in known:
+            p.add(line_of(raw, key), f"{where}.{key}", f"unknown key; known: {sorted(known)}")
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -244,18 +255,20 @@ def _parse_group(
             members.append(parse_upstream_url(name if len(urls) == 1 else f"{name}#{i}", str(url)))
         except (ValueError, AddressError) as e:
             p.add(line_of(value, "members") if isinstance(value, dict) else line, where, str(e))
-    check = _parse_check(check_raw, where, p) if check_raw is not None else None
+    check_line = line_of(value, "check") if isinstance(value, dict) else line
+    check = _parse_check(check_raw, where, p, check_line) if check_raw is not None else None
     if check is None and len(members) > 1:
         check = HealthCheck()
     return UpstreamGroup(name, tuple(members), policy, check) if members else None
 
 
-def _parse_check(raw: Any, where: str, p: _Problems) -> HealthCheck | None:
+def _parse_check(raw: Any, where: str, p: _Problems, line: int | None = None) -> HealthCheck | None:
     if raw is False:
         return None
     if not isinstance(raw, dict):
-        p.add(line_of(raw), f"{where}.check", "must be a mapping or false")
+        p.add(line_of(raw) or line, f"{where}.check", "must be a mapping or false")
         return None
+    _unknown_keys(raw, {"interval_s", "timeout_s", "target", "rise"}, f"{where}.check", p)
     try:
         return HealthCheck(
             interval_s=float(raw.get("interval_s", 15.0)),
@@ -290,6 +303,12 @@ def _parse_action(
 ) -> tuple[str, str | None] | None:
     via = raw.get("via")
     action = raw.get("action")
+    if via is not None and not isinstance(via, str):
+        p.add(line, where, "via: must be the name of one upstream")
+        return None
+    if action is not None and not isinstance(action, str):
+        p.add(line, where, "action: must be direct or reject")
+        return None
     if via is not None and action not in (None, "via"):
         p.add(line, where, "give either 'action: direct|reject' or 'via: UPSTREAM', not both")
         return None
@@ -367,13 +386,15 @@ def _parse_rule(
     fields["cidr"] = tuple(cidrs)
     regs = _as_list(raw.get("registries"))
     for r in regs:
-        if r != "all" and r not in ctx.catalog:
+        if not isinstance(r, str):
+            p.add(line_of(raw, "registries"), f"{where}.registries", "registry names are strings")
+        elif r != "all" and r not in ctx.catalog:
             p.add(
                 line_of(raw, "registries"),
                 f"{where}.registries",
                 f"unknown registry {r!r}; known: all, " + ", ".join(sorted(ctx.catalog)),
             )
-    fields["registries"] = tuple(str(r) for r in regs)
+    fields["registries"] = tuple(r for r in regs if isinstance(r, str))
     ports = _parse_ports(raw.get("port"), line_of(raw, "port"), f"{where}.port", p)
     if act is None:
         return None
@@ -454,13 +475,15 @@ def _parse_allow(raw: Any, where: str, p: _Problems, line: int | None) -> tuple[
     return tuple(nets)
 
 
-def _parse_users(raw: Any, p: _Problems, env: Mapping[str, str], base: Path) -> dict[str, str]:
+def _parse_users(
+    raw: Any, p: _Problems, env: Mapping[str, str], base: Path, line: int | None = None
+) -> dict[str, str]:
     """Users: `name: password`, `{sha256: HEX}`, `{env: VAR}` or `{file: PATH}`."""
     users: dict[str, str] = {}
     if raw is None:
         return users
     if not isinstance(raw, dict):
-        p.add(line_of(raw), "auth.users", "must be a mapping of user: secret")
+        p.add(line_of(raw) or line, "auth.users", "must be a mapping of user: secret")
         return users
     for name, secret in raw.items():
         where, line = f"auth.users.{name}", line_of(raw, name)
@@ -535,6 +558,7 @@ def _parse_sniff(raw: Any, p: _Problems) -> SniffTLS:
     if not isinstance(raw, dict):
         p.add(line_of(raw), "sniff_tls", "true, false or a mapping")
         return SniffTLS()
+    _unknown_keys(raw, {"enabled", "ports", "dial_name", "timeout_s"}, "sniff_tls", p)
     try:
         return SniffTLS(
             enabled=bool(raw.get("enabled", True)),
@@ -555,6 +579,7 @@ def _parse_admin(raw: Any, p: _Problems, env: Mapping[str, str]) -> AdminSpec | 
     if not isinstance(raw, dict):
         p.add(line_of(raw), "admin", "a mapping {listen: HOST:PORT, token: ...} or false")
         return None
+    _unknown_keys(raw, {"listen", "token"}, "admin", p)
     try:
         host, port = split_host_port(str(raw.get("listen", "127.0.0.1:9128")), allow_zero=True)
     except AddressError as e:
@@ -603,6 +628,7 @@ def parse_config(
         raise ConfigError(
             [f"{path}: the top level must be a mapping (listen:, upstreams:, rules:)"]
         )
+    p.section_lines = dict(getattr(data, "key_lines", {}))
     for key in set(data) - _TOP_KEYS:
         p.add(line_of(data, key), str(key), f"unknown key; known: {', '.join(sorted(_TOP_KEYS))}")
 
@@ -622,7 +648,7 @@ def parse_config(
     specs = []
     if rules_raw is not None and not isinstance(rules_raw, list):
         p.add(line_of(data, "rules"), "rules", "must be a list of rules")
-    for i, raw in enumerate(rules_raw or []):
+    for i, raw in enumerate(rules_raw if isinstance(rules_raw, list) else []):
         spec = _parse_rule(i, raw, line_of(rules_raw, i), ctx, p)
         if spec is not None:
             specs.append(spec)
@@ -632,8 +658,22 @@ def parse_config(
     listeners = _parse_listeners(listen_raw, data.get("allow"), p, line_of(data, "listen"))
     base = Path(path).parent if path and not path.startswith("<") else Path.cwd()
     auth = data.get("auth") or {}
-    users = _parse_users(auth.get("users") if isinstance(auth, dict) else None, p, env, base)
+    if isinstance(auth, dict):
+        _unknown_keys(auth, {"users"}, "auth", p)
+    else:
+        p.add(line_of(data, "auth"), "auth", "must be a mapping {users: {name: secret}}")
+    users = _parse_users(
+        auth.get("users") if isinstance(auth, dict) else None,
+        p,
+        env,
+        base,
+        line_of(auth, "users") if isinstance(auth, dict) else None,
+    )
     log = data.get("log") or {}
+    if isinstance(log, dict):
+        _unknown_keys(log, {"level", "format"}, "log", p)
+    else:
+        p.add(line_of(data, "log"), "log", "must be a mapping {level: info, format: text}")
     level = str(log.get("level", "info")).lower() if isinstance(log, dict) else "info"
     fmt = str(log.get("format", "text")).lower() if isinstance(log, dict) else "text"
     if level not in ("debug", "info", "warning", "error"):
@@ -641,9 +681,10 @@ def parse_config(
     if fmt not in ("text", "json"):
         p.add(line_of(log, "format"), "log.format", "one of text, json")
     deny = tuple(str(x) for x in _as_list(data.get("deny_targets", DEFAULT_DENY)))
+    deny_nets = []
     for d in deny:
         try:
-            ipaddress.ip_network(d, strict=False)
+            deny_nets.append(ipaddress.ip_network(d, strict=False))
         except ValueError as e:
             p.add(line_of(data, "deny_targets"), "deny_targets", str(e))
     cfg = Config(
@@ -656,6 +697,7 @@ def parse_config(
         users=users,
         allow_any_client=bool(data.get("allow_any_client", False)),
         deny_targets=deny,
+        deny_nets=tuple(deny_nets),
         loopback_targets=bool(data.get("loopback_targets", False)),
         sniff_tls=_parse_sniff(data.get("sniff_tls"), p),
         admin=_parse_admin(data.get("admin"), p, env),

@@ -173,9 +173,13 @@ class _Forwarder:
                 await self._send_client(
                     h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
                 )
-        if not any(k.lower() == b"host" for k, _ in headers):
-            host = format_host_port(target.host, target.port) if target.port != 80 else target.host
-            headers.insert(0, (b"Host", host.encode()))
+        # RFC 9112 §3.2.2: the authority of an absolute-form target replaces any Host header.
+        host = format_host_port(target.host, target.port) if target.port != 80 else target.host
+        headers = [(k, v) for k, v in headers if k.lower() != b"host"]
+        headers.insert(0, (b"Host", host.encode()))
+        if any(k.lower() == b"transfer-encoding" for k, _ in headers):
+            # Never forward both framings (RFC 9112 §6.1): that is a request-smuggling vector.
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         out = h11.Request(method=req.method, target=target.path.encode(), headers=headers)
         counters = self.s.info.counters
         o.writer.write(o.conn.send(out))

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fwdproxy import relay_fast
 from fwdproxy.addr import AddressError, format_host_port, ip_of, is_loopback, normalise_host
 from fwdproxy.dial import Deadline, open_direct
 from fwdproxy.errors import (
@@ -47,6 +48,9 @@ logger = logging.getLogger("fwdproxy.session")
 access = logging.getLogger("fwdproxy.access")
 
 READ_CHUNK = 64 * 1024
+# The transport-level relay (fwdproxy.relay_fast) by default; FWDPROXY_RELAY=streams selects
+# the reference implementation. Both pass the same contract suite.
+RELAY = relay if os.environ.get("FWDPROXY_RELAY") == "streams" else relay_fast.relay
 _ids = itertools.count(1)
 
 
@@ -210,8 +214,8 @@ class Session:
         """Refuse the target deny-list, our own ports (loops) and loopback for remote clients."""
         ip = ip_of(host) or ip_of(self.config.hosts.get(host, ""))
         if ip is not None:
-            for net in self.config.deny_targets:
-                if ip in ipaddress.ip_network(net, strict=False):
+            for net in self.config.deny_nets:
+                if ip.version == net.version and ip in net:
                     raise Rejected(f"target {host} is on the deny-list ({net})")
         if self.state.is_own_address(host, port):
             raise Rejected(f"target {host}:{port} is this proxy itself (loop refused)")
@@ -249,6 +253,15 @@ class Session:
 
     async def tunnel(self, host: str, port: int, prefetched: bytes, reply: Any) -> None:
         """Decide, dial, reply (via `reply(err_or_none, sockname)`), then relay."""
+        try:  # one normalisation for every protocol: rules and deny-list compare strings
+            host = normalise_host(host)
+        except AddressError as e:
+            self.info.target = f"{host}:{port}"
+            err = ProtocolError(
+                f"invalid target host {host!r}: {e}", socks_reply=Socks5Reply.HOST_UNREACHABLE
+            )
+            await reply(err, None)
+            raise err from None
         self.info.target = format_host_port(host, port)
         sniffed = await self._maybe_sniff(host, port, prefetched, reply)
         if sniffed is not None:
@@ -263,7 +276,7 @@ class Session:
         await self._relay(prefetched, r, w)
 
     async def _relay(self, prefetched: bytes, r: Any, w: Any) -> None:
-        res = await relay(
+        res = await RELAY(
             Endpoint(self.reader, self.writer, prefetched),
             Endpoint(r, w),
             idle_timeout_s=self.config.limits.idle_timeout_s,
