@@ -29,6 +29,7 @@ from helpers import (
     running_proxy,
     start_asyncio_socks,
     start_microsocks,
+    start_microsocks_auth,
     start_tinyproxy,
 )
 from hypothesis import HealthCheck, settings
@@ -72,6 +73,11 @@ def socks_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstrea
 @pytest.fixture(scope="session")
 def microsocks_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     yield from _upstream(tmp_path_factory, start_microsocks, "microsocks")
+
+
+@pytest.fixture(scope="session")
+def microsocks_auth_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    yield from _upstream(tmp_path_factory, start_microsocks_auth, "microsocks")
 
 
 @pytest.fixture(scope="session")

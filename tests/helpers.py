@@ -259,11 +259,20 @@ def _start_asyncio_socks(tmp: Path) -> Upstream:
     return up
 
 
-def _start_microsocks(tmp: Path) -> Upstream:
+MICROSOCKS_USER = ("fwd", "s3cret:pw@x")
+
+
+def start_microsocks_auth(tmp: Path) -> Upstream:
+    """microsocks requiring RFC 1929 username/password (MICROSOCKS_USER)."""
+    return _with_retries(lambda t: _start_microsocks(t, auth=True), tmp)
+
+
+def _start_microsocks(tmp: Path, auth: bool = False) -> Upstream:
     port = closed_port()
+    extra = ["-u", MICROSOCKS_USER[0], "-P", MICROSOCKS_USER[1]] if auth else []
     up = Upstream(
-        "microsocks",
-        ["microsocks", "-i", LOOPBACK, "-p", str(port)],
+        "microsocks-auth" if auth else "microsocks",
+        ["microsocks", "-i", LOOPBACK, "-p", str(port), *extra],
         tmp / "microsocks.log",
         "socks5",
         port,

@@ -356,12 +356,6 @@ async def test_route_dns_guard_is_active(proxy: RunningProxy, dns_guard: DnsGuar
 SPELLINGS = pytest.mark.parametrize(
     "spelling", ["DIRECT.TEST", "direct.test.", "Direct.Test."], ids=["upper", "dot", "mixed-dot"]
 )
-SOCKS_NAME_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug: SOCKS5 DOMAIN / SOCKS4a host names are never passed through normalise_host "
-    "(proto/socks.py _decode_hostname, session.tunnel), so case, a trailing dot or an inet_aton "
-    "spelling skip hosts:, reject/tunnel rules and the deny-list and go to DNS",
-)
 
 
 def tunnel_spelling(spelling: str) -> str:
@@ -385,7 +379,6 @@ async def test_route_connect_names_are_normalised(
     assert echo.connections == 3
 
 
-@SOCKS_NAME_BUG
 @SPELLINGS
 async def test_route_socks5_names_are_normalised(
     proxy: RunningProxy, echo: EchoServer, dns_guard: DnsGuard, spelling: str
@@ -402,7 +395,6 @@ async def test_route_socks5_names_are_normalised(
         dns_guard.blocked.clear()
 
 
-@SOCKS_NAME_BUG
 @SPELLINGS
 async def test_route_socks4a_names_are_normalised(
     proxy: RunningProxy, echo: EchoServer, dns_guard: DnsGuard, spelling: str
@@ -422,7 +414,6 @@ async def test_route_connect_blocked_name_in_any_spelling_is_rejected(proxy: Run
         assert resp.status == 403, spelling
 
 
-@SOCKS_NAME_BUG
 @pytest.mark.parametrize("spelling", ["X.BLOCKED.TEST", "x.blocked.test.", "deep.X.Blocked.Test"])
 async def test_route_socks5_blocked_name_in_any_spelling_is_rejected(
     proxy: RunningProxy, dns_guard: DnsGuard, spelling: str
@@ -435,7 +426,6 @@ async def test_route_socks5_blocked_name_in_any_spelling_is_rejected(
         dns_guard.blocked.clear()
 
 
-@SOCKS_NAME_BUG
 @pytest.mark.parametrize("spelling", ["2130706434", "127.2", "0x7f000002"])
 async def test_route_socks5_deny_list_cannot_be_bypassed_by_ipv4_spellings(
     denied_echo: tuple[RunningProxy, EchoServer], dns_guard: DnsGuard, spelling: str
@@ -447,3 +437,43 @@ async def test_route_socks5_deny_list_cannot_be_bypassed_by_ipv4_spellings(
         assert reply.code == 0x02
     finally:
         dns_guard.blocked.clear()
+
+
+# -- upstream credentials and upstream-side failures ---------------------------------------
+
+
+async def test_route_upstream_with_username_and_password(
+    make_proxy: Any, origin: Origin, microsocks_auth_upstream: Upstream
+) -> None:
+    from urllib.parse import quote
+
+    from helpers import MICROSOCKS_USER
+
+    user, password = MICROSOCKS_USER
+    good = f"socks5://{user}:{quote(password, safe='')}@127.0.0.1:{microsocks_auth_upstream.port}"
+    proxy = await make_proxy(upstream_url=good)
+    got = await fetch("connect", proxy, origin, TUNNEL_NAME, "/echo/authed")
+    assert got["path"] == "/echo/authed"
+    await microsocks_auth_upstream.wait_carried(origin.port)
+
+    bad = f"socks5://{user}:wrong@127.0.0.1:{microsocks_auth_upstream.port}"
+    proxy = await make_proxy(upstream_url=bad)
+    resp = await http_exchange(
+        proxy, connect_head(f"{TUNNEL_NAME}:{origin.port}"), method="CONNECT"
+    )
+    assert resp.status == 502
+    assert "upstream tunnel" in resp.text and "wrong" not in resp.text  # no password in errors
+    assert microsocks_auth_upstream.carried(origin.port) == 1
+
+
+async def test_route_http_upstream_refusal_is_502_naming_the_upstream(
+    make_proxy: Any, tinyproxy_upstream: Upstream
+) -> None:
+    from helpers import closed_port
+
+    proxy = await make_proxy(upstream_url=tinyproxy_upstream.url)
+    resp = await http_exchange(
+        proxy, connect_head(f"{TUNNEL_NAME}:{closed_port()}"), method="CONNECT"
+    )
+    assert resp.status in (502, 504)
+    assert "upstream tunnel" in resp.text and tinyproxy_upstream.url in resp.text
