@@ -33,6 +33,16 @@ SIZE = 64 * MiB
 ROUTES = pytest.mark.parametrize("name", [DIRECT_NAME, TUNNEL_NAME], ids=["direct", "tunnel"])
 
 
+@pytest.fixture(params=["default", "streams"], ids=["relay-default", "relay-streams"])
+def relay_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each integrity test runs with the default relay and with the reference streams relay."""
+    if request.param == "streams":
+        from fwdproxy import relay, session
+
+        monkeypatch.setattr(session, "RELAY", relay.relay)
+    return str(request.param)
+
+
 async def open_tunnel(kind: str, proxy: RunningProxy, name: str, port: int) -> tuple[Any, Any]:
     if kind == "connect":
         return await open_connect_tunnel(proxy, f"{name}:{port}")
@@ -51,6 +61,7 @@ async def test_integrity_64mib_each_way(
     kind: str,
     record_property: Any,
     caplog: pytest.LogCaptureFixture,
+    relay_impl: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="fwdproxy.access")
     r, w = await open_tunnel(kind, proxy, name, hash_server.port)
@@ -60,7 +71,8 @@ async def test_integrity_64mib_each_way(
         w.close()
     mib_s = (ex.up_bytes + ex.down_bytes) / MiB / ex.seconds
     record_property("MiB_per_s_both_directions", round(mib_s, 1))
-    print(f"{kind}/{name}: {2 * SIZE // MiB} MiB in {ex.seconds:.2f}s = {mib_s:.0f} MiB/s")
+    total = 2 * SIZE // MiB
+    print(f"{relay_impl} {kind}/{name}: {total} MiB in {ex.seconds:.2f}s = {mib_s:.0f} MiB/s")
     if name == TUNNEL_NAME:
         await socks_upstream.wait_carried(hash_server.port)
     else:
@@ -87,6 +99,7 @@ async def test_integrity_client_half_close_still_receives_everything(
     hash_server: HashServer,
     name: str,
     kind: str,
+    relay_impl: str,
 ) -> None:
     """The client shuts its write side first; the 4 MiB answer still arrives in full."""
     proxy, up = half_close_proxy
@@ -103,7 +116,7 @@ async def test_integrity_client_half_close_still_receives_everything(
 @ROUTES
 @pytest.mark.parametrize("kind", ["connect", "socks5"])
 async def test_integrity_server_half_close_still_receives_client_data(
-    half_close_proxy: tuple[RunningProxy, MiniSocks5], name: str, kind: str
+    half_close_proxy: tuple[RunningProxy, MiniSocks5], name: str, kind: str, relay_impl: str
 ) -> None:
     """The server shuts its write side first; the client's later upload still reaches it."""
     proxy, up = half_close_proxy
