@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, Final
 
 from fwdproxy.relay import Counters, Endpoint, RelayResult
@@ -115,24 +116,56 @@ def _sweeper(loop: asyncio.AbstractEventLoop) -> _IdleSweeper:
 class _Tunnel:
     """State shared by both sides: counters, the idle deadline and the outcome."""
 
-    __slots__ = ("__weakref__", "closed_by", "counters", "done", "error", "idle_s", "loop", "sides")
+    __slots__ = (
+        "__weakref__",
+        "closed_by",
+        "counters",
+        "error",
+        "finished",
+        "idle_s",
+        "loop",
+        "on_done",
+        "sides",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, counters: Counters, idle_s: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        counters: Counters,
+        idle_s: float,
+        on_done: Callable[[RelayResult], None],
+    ) -> None:
         self.loop = loop
         self.counters = counters
         self.idle_s = idle_s
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.on_done = on_done
+        self.finished = False
         self.closed_by = ""
         self.error: str | None = None
         self.sides: tuple[_Side, _Side] | None = None
 
     def finish(self, closed_by: str, error: str | None = None) -> None:
-        """Record the first outcome and wake the relay coroutine; later calls are ignored."""
-        if self.done.done():
+        """Record the first outcome, close both sides and report; later calls are ignored."""
+        if self.finished:
             return
+        self.finished = True
         self.closed_by = closed_by
         self.error = error
-        self.done.set_result(None)
+        self.close()
+        c = self.counters
+        self.on_done(RelayResult(c.up, c.down, closed_by or "client", error))
+
+    def close(self) -> None:
+        sw = _SWEEPERS.get(self.loop)
+        if sw is not None:
+            sw.discard(self)
+        for side in self.sides or ():
+            if side.splicer is not None:
+                side.splicer.close()
+            try:
+                side.transport.close()  # flushes what is still queued, then closes
+            except (OSError, RuntimeError):
+                pass
 
 
 class _Side(asyncio.Protocol):
@@ -167,7 +200,7 @@ class _Side(asyncio.Protocol):
         self.forward(data)
 
     def forward(self, data: bytes) -> None:
-        if self.tunnel.done.done():
+        if self.tunnel.finished:
             return  # the tunnel is being torn down; the peer may already be gone
         c = self.tunnel.counters
         if self.up:
@@ -234,7 +267,19 @@ class _Splicer:
     still uses them); we work on duplicated descriptors, which the event loop lets us watch.
     """
 
-    __slots__ = ("dst", "in_pipe", "loop", "pipe_r", "pipe_w", "reading", "side", "src", "state")
+    __slots__ = (
+        "capacity",
+        "dst",
+        "in_pipe",
+        "loop",
+        "pipe_r",
+        "pipe_w",
+        "reading",
+        "side",
+        "src",
+        "state",
+        "writing",
+    )
 
     def __init__(self, side: _Side) -> None:
         self.side = side
@@ -242,7 +287,9 @@ class _Splicer:
         self.state = "draining"  # -> "running" -> "closed"
         self.src = self.dst = self.pipe_r = self.pipe_w = -1
         self.in_pipe = 0
+        self.capacity = 64 * 1024  # the pipe's size, once known
         self.reading = False
+        self.writing = False  # waiting for the destination to take more
 
     @classmethod
     def begin(cls, side: _Side) -> None:
@@ -260,7 +307,7 @@ class _Splicer:
             sp.start()
 
     def start(self) -> None:
-        if self.state != "draining" or self.side.tunnel.done.done():
+        if self.state != "draining" or self.side.tunnel.finished:
             return
         side = self.side
         side.peer.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
@@ -270,6 +317,7 @@ class _Splicer:
                 import fcntl
 
                 fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                self.capacity = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
             self.src = os.dup(side.transport.get_extra_info("socket").fileno())
             self.dst = os.dup(side.peer.transport.get_extra_info("socket").fileno())
         except OSError as e:
@@ -288,12 +336,19 @@ class _Splicer:
 
     def readable(self) -> None:
         side = self.side
+        space = self.capacity - self.in_pipe
         try:
-            n = os.splice(self.src, self.pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
+            n = os.splice(self.src, self.pipe_w, space, flags=_SPLICE_FLAGS) if space > 0 else -1
         except BlockingIOError:
-            return
+            if self.in_pipe:
+                n = -1  # the pipe is full (smaller than we thought)
+            else:
+                return  # spurious wake-up
         except OSError as e:
             side.tunnel.finish(side.name + "-error", _describe(e))
+            return
+        if n < 0:
+            self.want_read(False)  # back-pressure: resume once the destination took some
             return
         if n == 0:
             self.want_read(False)
@@ -306,30 +361,33 @@ class _Splicer:
             c.down += n
         c.last_activity = time.monotonic()
         self.in_pipe += n
-        self.flush()
+        if not self.writing:
+            self.flush()
 
-    def flush(self) -> bool:
-        """Move the pipe's bytes to the destination; False while it cannot take more."""
+    def flush(self) -> None:
+        """Move the pipe's bytes on; while the destination is full, the pipe keeps filling."""
         while self.in_pipe:
             try:
                 m = os.splice(self.pipe_r, self.dst, self.in_pipe, flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                self.want_read(False)  # back-pressure: the pipe holds at most PIPE_SIZE
-                self.loop.add_writer(self.dst, self.writable)
-                return False
+                if not self.writing:
+                    self.writing = True
+                    self.loop.add_writer(self.dst, self.writable)
+                return
             except OSError as e:
                 self.side.tunnel.finish(self.side.peer.name + "-error", _describe(e))
-                return False
+                return
             self.in_pipe -= m
-        return True
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.dst)
+        if self.side.eof:
+            self.shut_dst()
 
     def writable(self) -> None:
-        self.loop.remove_writer(self.dst)
-        if self.flush():
-            if self.side.eof:
-                self.shut_dst()
-            else:
-                self.want_read(True)
+        self.flush()
+        if self.state == "running" and not self.side.eof and self.in_pipe < self.capacity:
+            self.want_read(True)
 
     def src_eof(self) -> None:
         side = self.side
@@ -356,8 +414,9 @@ class _Splicer:
         if self.reading:
             self.loop.remove_reader(self.src)
             self.reading = False
-        if self.dst >= 0:
+        if self.writing:
             self.loop.remove_writer(self.dst)
+            self.writing = False
         for fd in (self.src, self.dst, self.pipe_r, self.pipe_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -380,27 +439,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _take_over(side: _Side, ep: Endpoint) -> tuple[bytes, bool, BaseException | None]:
-    """Install `side` on the endpoint's transport; return what the StreamReader still held.
-
-    Nothing awaits between the takeover of both sides, so no callback can run in between and
-    no byte can land in the old StreamReader after its buffer was taken.
-    """
-    reader = ep.reader
-    transport = ep.writer.transport
-    buffered = bytes(reader._buffer)
-    reader._buffer.clear()
-    eof = bool(reader._eof)
-    exc = reader.exception()
-    _shrink(transport.get_protocol())
+def _install(side: _Side, transport: Any) -> None:
     transport.set_protocol(side)
     side.transport = transport
     if hasattr(transport, "max_size"):
         transport.max_size = RECV_SIZE  # stdlib selector transport reads up to this per call
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-    if exc is None and transport.is_closing():
-        exc = ConnectionResetError("connection closed before the relay started")
-    return buffered, eof, exc
 
 
 def _shrink(old: Any) -> None:
@@ -415,22 +459,56 @@ def _shrink(old: Any) -> None:
         old._drain_waiters = []
 
 
-def _start(tunnel: _Tunnel, client: Endpoint, target: Endpoint) -> None:
+class Leftover:
+    """What one side had already received (and whether it ended) before the relay took over."""
+
+    __slots__ = ("data", "eof", "error")
+
+    def __init__(
+        self, data: bytes = b"", eof: bool = False, error: BaseException | None = None
+    ) -> None:
+        self.data = data
+        self.eof = eof
+        self.error = error
+
+
+def start_relay(
+    client: asyncio.BaseTransport,
+    target: asyncio.BaseTransport,
+    *,
+    client_leftover: Leftover | None = None,
+    target_leftover: Leftover | None = None,
+    idle_timeout_s: float,
+    counters: Counters | None = None,
+    on_done: Callable[[RelayResult], None],
+) -> None:
+    """Relay between two transports without a task or coroutine; `on_done` is called once.
+
+    For a protocol-level accept path: the session hands over its two transports and the bytes
+    it read past the handshake. Nothing else is allocated per tunnel than two protocol
+    objects and the shared state, and nothing waits: every step runs from a transport
+    callback. The transports are closed before `on_done(result)` is called.
+    """
+    c = counters if counters is not None else Counters()
+    c.last_activity = time.monotonic()
+    tunnel = _Tunnel(asyncio.get_running_loop(), c, idle_timeout_s, on_done)
     a = _Side(tunnel, "client", up=True)
     b = _Side(tunnel, "target", up=False)
     a.peer, b.peer = b, a
     tunnel.sides = (a, b)
-    got = [_take_over(a, client), _take_over(b, target)]
-    for side, (_, _, exc) in zip((a, b), got, strict=True):
-        if exc is not None:
-            tunnel.finish(side.name + "-error", _describe(exc))
+    _install(a, client)
+    _install(b, target)
+    lefts = (client_leftover or Leftover(), target_leftover or Leftover())
+    for side, left in zip((a, b), lefts, strict=True):
+        if left.error is None and side.transport.is_closing():
+            left.error = ConnectionResetError("connection closed before the relay started")
+        if left.error is not None:
+            tunnel.finish(side.name + "-error", _describe(left.error))
             return
-    for side, ep, (buffered, eof, _) in zip((a, b), (client, target), got, strict=True):
-        if ep.prefetched:
-            side.forward(ep.prefetched)
-        if buffered:
-            side.forward(buffered)
-        if eof:
+    for side, left in zip((a, b), lefts, strict=True):
+        if left.data:
+            side.forward(left.data)
+        if left.eof:
             side.on_eof()
     for side in (a, b):
         # A transport that already has more than high-water queued never calls pause_writing()
@@ -440,22 +518,21 @@ def _start(tunnel: _Tunnel, client: Endpoint, target: Endpoint) -> None:
     for side in (a, b):
         if not side.eof and not side.peer.paused_peer and side.splicer is None:
             side.transport.resume_reading()  # the StreamReader may have paused it
-    if not tunnel.done.done():
+    if not tunnel.finished:
         _sweeper(tunnel.loop).add(tunnel)
 
 
-def _close(tunnel: _Tunnel, client: Endpoint, target: Endpoint) -> None:
-    sw = _SWEEPERS.get(tunnel.loop)
-    if sw is not None:
-        sw.discard(tunnel)
-    for side in tunnel.sides or ():
-        if side.splicer is not None:
-            side.splicer.close()
-    for ep in (client, target):
-        try:
-            ep.writer.transport.close()  # flushes what is still queued, then closes
-        except (OSError, RuntimeError):
-            pass
+def _leftover(ep: Endpoint) -> Leftover:
+    """Take what the endpoint's StreamReader holds; the relay owns the transport from now on.
+
+    Nothing awaits between the takeover of both sides, so no callback can run in between and
+    no byte can land in the old StreamReader after its buffer was taken.
+    """
+    reader = ep.reader
+    data = ep.prefetched + bytes(reader._buffer) if reader._buffer else ep.prefetched
+    reader._buffer.clear()
+    _shrink(ep.writer.transport.get_protocol())
+    return Leftover(data, bool(reader._eof), reader.exception())
 
 
 async def relay(
@@ -466,15 +543,27 @@ async def relay(
     counters: Counters | None = None,
 ) -> RelayResult:
     """Relay until both directions ended, one side failed, or nothing moved for idle_timeout_s."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[RelayResult] = loop.create_future()
     c = counters if counters is not None else Counters()
-    c.last_activity = time.monotonic()
-    tunnel = _Tunnel(asyncio.get_running_loop(), c, idle_timeout_s)
+
+    def on_done(result: RelayResult) -> None:
+        if not done.done():  # cancelled while waiting: the result has nowhere to go
+            done.set_result(result)
+
+    start_relay(
+        client.writer.transport,
+        target.writer.transport,
+        client_leftover=_leftover(client),
+        target_leftover=_leftover(target),
+        idle_timeout_s=idle_timeout_s,
+        counters=c,
+        on_done=on_done,
+    )
     try:
-        _start(tunnel, client, target)
-        await tunnel.done
+        return await done
     except asyncio.CancelledError:
-        tunnel.closed_by = "cancelled"
+        sides = client.writer.transport.get_protocol()
+        if isinstance(sides, _Side):
+            sides.tunnel.finish("cancelled")
         raise
-    finally:
-        _close(tunnel, client, target)
-    return RelayResult(c.up, c.down, tunnel.closed_by or "client", tunnel.error)
