@@ -119,8 +119,9 @@ def _upstream_error(spec: UpstreamSpec, host: str, port: int, e: Exception) -> D
     if isinstance(e, ProxyTimeoutError):
         return DialTimeout(f"{where} did not complete the tunnel to {host}:{port} in time", hop=hop)
     if isinstance(e, ProxyConnectionError):
+        reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
         return DialError(
-            f"{where} is unreachable: {e.strerror or e}",
+            f"{where} is unreachable: {reason}",
             hop=hop,
             status=502,
             socks_reply=Socks5Reply.GENERAL_FAILURE,
