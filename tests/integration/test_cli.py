@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -118,7 +119,8 @@ async def test_cli_serve_routes_both_ways_and_exits_0_on_sigterm(
         )
         assert socks.rc == 0, socks.err
     finally:
-        rc = proc.stop(grace_s=10)
+        # Stop from a thread: the origin lives on this loop and must answer the drain.
+        rc = await asyncio.get_running_loop().run_in_executor(None, proc.stop, 10)
     assert rc == 0, proc.log()
     log = proc.log()
     assert f"listening on {LOOPBACK}:{port}" in log
@@ -134,7 +136,8 @@ async def test_cli_serve_upstream_override_flag(
         assert res.rc == 0 and b"/echo/o" in res.out, res.err + proc.log()
         await socks_upstream.wait_carried(origin.port)
     finally:
-        rc = proc.stop(grace_s=10)
+        # Stop from a thread: the origin lives on this loop and must answer the drain.
+        rc = await asyncio.get_running_loop().run_in_executor(None, proc.stop, 10)
     assert rc == 0
 
 
