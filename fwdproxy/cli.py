@@ -47,6 +47,19 @@ def _load(args: argparse.Namespace, **kw: Any) -> Any:
     return load_config(args.config, **kw)
 
 
+def _load_or_report(args: argparse.Namespace, summary: bool = False) -> Any:
+    """The config for a dry-run command, or None after printing every problem."""
+    from fwdproxy.errors import ConfigError
+
+    try:
+        return _load(args, upstream_override=args.upstream)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        if summary:
+            print(f"{len(e.problems)} problem(s) found", file=sys.stderr)
+        return None
+
+
 def _print_problems(problems: list[str]) -> None:
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
@@ -146,14 +159,10 @@ def _warn_config(cfg: Any) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from fwdproxy.errors import ConfigError
     from fwdproxy.server import check_exposure
 
-    try:
-        cfg = _load(args, upstream_override=args.upstream)
-    except ConfigError as e:
-        _print_problems(e.problems)
-        print(f"{len(e.problems)} problem(s) found", file=sys.stderr)
+    cfg = _load_or_report(args, summary=True)
+    if cfg is None:
         return 1
     problems = check_exposure(cfg)
     if problems:
@@ -173,12 +182,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     import json
 
     from fwdproxy.addr import AddressError, format_host_port, split_host_port
-    from fwdproxy.errors import ConfigError
 
-    try:
-        cfg = _load(args, upstream_override=args.upstream)
-    except ConfigError as e:
-        _print_problems(e.problems)
+    cfg = _load_or_report(args)
+    if cfg is None:
         return 1
     status = 0
     health = _live_health(cfg) if not args.json else None
@@ -278,14 +284,11 @@ def _strip_url(target: str) -> str:
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
-    from fwdproxy.errors import ConfigError
     from fwdproxy.explain import explain, explanation_json, format_explanation
     from fwdproxy.imageref import ImageRefError
 
-    try:
-        cfg = _load(args, upstream_override=args.upstream)
-    except ConfigError as e:
-        _print_problems(e.problems)
+    cfg = _load_or_report(args)
+    if cfg is None:
         return 1
     status = 0
     for image in args.images:
