@@ -3,7 +3,8 @@
 Usage: python bench/fwdproxy_serve.py --relay fast|streams [--patch accept] [--no-splice] --
            serve -c CONFIG --loop uvloop|asyncio
 
-`--patch accept` applies the accept-path prototypes of bench/accept_patches.py.
+`--patch accept` applies the accept-path prototypes of bench/accept_patches.py, `--patch protocol`
+the protocol-level accept path of bench/accept_protocol.py.
 
 Sets FWDPROXY_RELAY for a session.py that reads it, and until then swaps the relay function
 that fwdproxy.session imported by name, so both states of the tree run the chosen relay.
@@ -37,11 +38,15 @@ def main() -> int:
         from fwdproxy import relay as relay_streams
 
         session.relay = relay_streams.relay  # type: ignore[attr-defined]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if patch == "accept":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import accept_patches
 
         accept_patches.apply()
+    elif patch == "protocol":
+        import accept_protocol
+
+        accept_protocol.apply()
     return cli.main(argv)
 
 

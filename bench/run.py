@@ -230,6 +230,8 @@ def proxy_argv(spec: ProxySpec, port: int, workdir: Path) -> list[str]:
         serve = [sys.executable, str(BENCH / "fwdproxy_serve.py"), "--relay", relay]
         if "accept" in flags:
             serve += ["--patch", "accept"]
+        elif "protocol" in flags:
+            serve += ["--patch", "protocol"]
         if "nosplice" in flags:
             serve += ["--no-splice"]
         return [*serve, "--", "serve", "-c", str(cfg), "--loop", loop]
