@@ -18,12 +18,26 @@ class AddressError(ValueError):
     """A host or host:port that cannot be used as a target."""
 
 
+_IPV4_CHARS: Final = frozenset("0123456789.")
+
+
 def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP address if `host` is an IP literal (already unbracketed), else None."""
-    if not host or (host[0] not in "0123456789abcdef:" and "." not in host):
+    """The IP address if `host` is an IP literal (already unbracketed), else None.
+
+    On the hot path for every decision: names are told apart by their characters first, since
+    letting `ipaddress` raise for each name costs microseconds.
+    """
+    if not host:
+        return None
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    if not host[-1].isdigit() or not _IPV4_CHARS.issuperset(host):
         return None
     try:
-        return ipaddress.ip_address(host)
+        return ipaddress.IPv4Address(host)
     except ValueError:
         return None
 

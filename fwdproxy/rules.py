@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Final
 
-from fwdproxy.addr import ip_of
-
 ACTIONS: Final = ("direct", "reject", "via")
 HOST_KINDS: Final = ("domain", "suffix", "glob", "regex", "cidr", "registries")
 _INF: Final = 1 << 62
+_IPV4_CHARS: Final = frozenset("0123456789.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +79,20 @@ class Decision:
         return f"{target} <- {self.rule}{where}{what}{reg}"
 
 
-@dataclass(frozen=True, slots=True)
 class _Entry:
-    index: int
-    matched: str
-    registry: str | None = None
-    role: str | None = None
+    """One matcher of one rule, with the decision it makes prebuilt (no allocation per lookup)."""
+
+    __slots__ = ("decision", "index", "matched", "ports", "registry", "role")
+
+    def __init__(
+        self, index: int, matched: str, registry: str | None = None, role: str | None = None
+    ) -> None:
+        self.index = index
+        self.matched = matched
+        self.registry = registry
+        self.role = role
+        self.ports: tuple[tuple[int, int], ...] = ()
+        self.decision: Decision | None = None
 
 
 @dataclass(slots=True)
@@ -197,7 +204,39 @@ class Router:
             elif h.kind == "regex":
                 self._t.regexes.append((entry, re.compile(h.pattern, re.IGNORECASE)))
 
+    def _entries(self) -> list[_Entry]:
+        t = self._t
+        out = [
+            e for table in (t.exact, t.suffix, t.subdomain) for lst in table.values() for e in lst
+        ]
+        out += [e for glist in t.globs.values() for e, _ in glist]
+        out += [e for e, _ in t.loose_globs] + [e for e, _ in t.regexes] + t.any_host
+        out += [
+            e
+            for ct in (t.cidr4, t.cidr6)
+            for nets in ct.values()
+            for lst in nets.values()
+            for e in lst
+        ]
+        return out
+
+    def _finalise(self) -> None:
+        by_index = {r.index: r for r in self.rules}  # indices are positions in the file
+        for e in self._entries():
+            rule = by_index[e.index]
+            e.ports = rule.ports
+            e.decision = Decision(
+                action=rule.action,
+                upstream=rule.upstream,
+                rule=rule.label,
+                line=rule.line,
+                matched=e.matched,
+                registry=e.registry,
+                role=e.role,
+            )
+
     def _sort(self) -> None:
+        self._finalise()
         t = self._t
         for table in (t.exact, t.suffix, t.subdomain):
             for lst in table.values():
@@ -215,26 +254,22 @@ class Router:
         self._cidr6 = sorted(t.cidr6.items(), reverse=True)
 
     # -- matching ----------------------------------------------------------------------------
+    # The hot path: plain loops and local names, no allocation (entries carry their Decision).
 
-    def _port_ok(self, index: int, port: int) -> bool:
-        ports = self.rules[index].ports
-        if not ports:
-            return True
-        return any(lo <= port <= hi for lo, hi in ports)
-
-    def _first(self, entries: list[_Entry] | None, port: int, best: _Entry | None) -> _Entry | None:
+    @staticmethod
+    def _first(entries: list[_Entry] | None, port: int, best: _Entry | None) -> _Entry | None:
         if not entries:
             return best
         limit = best.index if best is not None else _INF
         for e in entries:
             if e.index >= limit:
                 break
-            if self._port_ok(e.index, port):
+            if not e.ports or any(lo <= port <= hi for lo, hi in e.ports):
                 return e
         return best
 
+    @staticmethod
     def _first_pattern(
-        self,
         pats: list[tuple[_Entry, re.Pattern[str]]] | None,
         host: str,
         port: int,
@@ -246,52 +281,72 @@ class Router:
         for e, rx in pats:
             if e.index >= limit:
                 break
-            if rx.fullmatch(host) and self._port_ok(e.index, port):
+            if rx.fullmatch(host) and (not e.ports or any(lo <= port <= hi for lo, hi in e.ports)):
                 return e
         return best
 
     def _match_name(self, host: str, port: int) -> _Entry | None:
         t = self._t
-        best = self._first(t.exact.get(host), port, None)
-        labels = host.split(".")
-        for k in range(len(labels)):
-            s = ".".join(labels[k:]) if k else host
-            best = self._first(t.suffix.get(s), port, best)
-            if k:
-                best = self._first(t.subdomain.get(s), port, best)
-            if t.globs:
-                best = self._first_pattern(t.globs.get(s), host, port, best)
-        best = self._first_pattern(t.loose_globs, host, port, best)
-        return self._first_pattern(t.regexes, host, port, best)
+        first = self._first
+        suffix, subdomain, globs = t.suffix, t.subdomain, t.globs
+        best = None
+        lst = t.exact.get(host)
+        if lst:
+            best = first(lst, port, best)
+        lst = suffix.get(host)
+        if lst:
+            best = first(lst, port, best)
+        if globs and host in globs:
+            best = self._first_pattern(globs[host], host, port, best)
+        s = host
+        i = s.find(".")
+        while i >= 0:  # every parent on a label boundary: a.b.c -> b.c -> c
+            s = s[i + 1 :]
+            lst = suffix.get(s)
+            if lst:
+                best = first(lst, port, best)
+            if subdomain:
+                lst = subdomain.get(s)
+                if lst:
+                    best = first(lst, port, best)
+            if globs and s in globs:
+                best = self._first_pattern(globs[s], host, port, best)
+            i = s.find(".")
+        if t.loose_globs:
+            best = self._first_pattern(t.loose_globs, host, port, best)
+        if t.regexes:
+            best = self._first_pattern(t.regexes, host, port, best)
+        return best
 
-    def _match_ip(
-        self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str, port: int
-    ) -> _Entry | None:
+    def _match_ip(self, host: str, port: int) -> _Entry | None:
         best = self._first(self._t.exact.get(host), port, None)
-        value = int(ip)
-        bits = 32 if ip.version == 4 else 128
-        for plen, nets in self._cidr4 if ip.version == 4 else self._cidr6:
-            key = (value >> (bits - plen)) << (bits - plen) if plen else 0
-            best = self._first(nets.get(key), port, best)
+        if ":" in host:
+            value, bits, table = int(ipaddress.IPv6Address(host)), 128, self._cidr6
+        else:
+            a, b, c, d = host.split(".")
+            value, bits, table = (
+                (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d),
+                32,
+                self._cidr4,
+            )
+        first = self._first
+        for plen, nets in table:
+            shift = bits - plen
+            best = first(nets.get((value >> shift) << shift), port, best)
         return best
 
     def decide_uncached(self, host: str, port: int) -> Decision:
         """The decision for a normalised host (see addr.normalise_host) and port."""
-        ip = ip_of(host)
-        best = self._match_ip(ip, host, port) if ip is not None else self._match_name(host, port)
-        best = self._first(self._t.any_host, port, best)
-        if best is None:
+        # Normalised hosts: an IP literal is IPv6 (has ':') or dotted-decimal IPv4, nothing else.
+        if ":" in host or (host[-1:].isdigit() and _IPV4_CHARS.issuperset(host)):
+            best = self._match_ip(host, port)
+        else:
+            best = self._match_name(host, port)
+        if self._t.any_host:
+            best = self._first(self._t.any_host, port, best)
+        if best is None or best.decision is None:
             return self.default
-        rule = self.rules[best.index]
-        return Decision(
-            action=rule.action,
-            upstream=rule.upstream,
-            rule=rule.label,
-            line=rule.line,
-            matched=best.matched,
-            registry=best.registry,
-            role=best.role,
-        )
+        return best.decision
 
     def decide(self, host: str, port: int) -> Decision:  # replaced by a cached wrapper
         return self.decide_uncached(host, port)
