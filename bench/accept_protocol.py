@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import time
 import types
@@ -38,8 +37,6 @@ from fwdproxy.proto.http1 import connect_target, parse_request_head
 from fwdproxy.proto.sniff import Protocol as Proto
 from fwdproxy.proto.sniff import sniff
 from fwdproxy.proto.socks import Socks5Greeting, Socks5Server
-
-_DENY_CACHE: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
 
 class _Pending(asyncio.Protocol):
@@ -258,7 +255,7 @@ class HandshakeProtocol(asyncio.Protocol):
             from fwdproxy.errors import Rejected
 
             raise Rejected(refuse)
-        fake._check_target = lambda h, p: _check_target(fake, h, p)
+        fake._check_target = lambda h, p: session.Session._check_target(fake, h, p)
         return session.Session.decide(fake, host, port)  # type: ignore[arg-type]
 
     def reply_socks5(self, err: BaseException | None, sockname: Any) -> None:
@@ -313,31 +310,6 @@ class HandshakeProtocol(asyncio.Protocol):
         writer = asyncio.StreamWriter(self.transport, proto, reader, loop)
         reader.feed_data(self.buf)
         self.srv._spawn(reader, writer, self.listener)
-
-
-def _check_target(s: Any, host: str, port: int) -> None:
-    """Session._check_target with the deny-list parsed once per config."""
-    from fwdproxy.errors import Rejected
-
-    cfg = s.config
-    nets = _DENY_CACHE.get(cfg.deny_targets)
-    if nets is None:
-        nets = _DENY_CACHE[cfg.deny_targets] = tuple(
-            ipaddress.ip_network(n, strict=False) for n in cfg.deny_targets
-        )
-    ip = session.ip_of(host) or session.ip_of(cfg.hosts.get(host, ""))
-    if ip is not None:
-        for net in nets:
-            if ip in net:
-                raise Rejected(f"target {host} is on the deny-list ({net})")
-    if s.state.is_own_address(host, port):
-        raise Rejected(f"target {host}:{port} is this proxy itself (loop refused)")
-    if (
-        session.is_loopback(host)
-        and not cfg.loopback_targets
-        and not session.is_loopback(s.peer_ip)
-    ):
-        raise Rejected(f"loopback target {host} refused for non-loopback client")
 
 
 async def _bind(self: server.Server, lst: Any) -> None:

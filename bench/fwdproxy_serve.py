@@ -6,8 +6,8 @@ Usage: python bench/fwdproxy_serve.py --relay fast|streams [--patch accept] [--n
 `--patch accept` applies the accept-path prototypes of bench/accept_patches.py, `--patch protocol`
 the protocol-level accept path of bench/accept_protocol.py.
 
-Sets FWDPROXY_RELAY for a session.py that reads it, and until then swaps the relay function
-that fwdproxy.session imported by name, so both states of the tree run the chosen relay.
+Sets FWDPROXY_RELAY (which session.py reads when it is imported) and also sets the chosen
+function on fwdproxy.session directly, so the choice holds whatever state the tree is in.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ def main() -> int:
         argv = argv[1:]
     os.environ["FWDPROXY_RELAY"] = relay
     from fwdproxy import cli, relay_fast, session
+    from fwdproxy import relay as relay_streams
 
-    if relay == "fast":
-        session.relay = relay_fast.relay  # type: ignore[attr-defined]
+    chosen = relay_fast.relay if relay == "fast" else relay_streams.relay
+    if hasattr(session, "RELAY"):
+        session.RELAY = chosen  # session.py picks the relay by FWDPROXY_RELAY at import
     else:
-        from fwdproxy import relay as relay_streams
-
-        session.relay = relay_streams.relay  # type: ignore[attr-defined]
+        session.relay = chosen  # type: ignore[attr-defined]  # older session.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if patch == "accept":
         import accept_patches

@@ -338,14 +338,6 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["## 3. Memory: idle open tunnels", "", *memory_table(loads), ""]
     if data.get("rules"):
         lines += ["## 4. Rule engine: decision time per call", "", *rules_table(data["rules"]), ""]
-    if data.get("rules_patched"):
-        lines += [
-            "With the rule-engine prototypes of bench/rules_patches.py (proposed rules.py/addr.py "
-            "changes, applied by monkeypatching):",
-            "",
-            *rules_table(data["rules_patched"]),
-            "",
-        ]
     if data.get("cli"):
         lines += ["## 5. CLI latency", "", *cli_lines(data["cli"]), ""]
     return "\n".join(lines)

@@ -1,8 +1,6 @@
 """Rule-engine decision time for generated configs (run by bench/run.py, prints JSON).
 
-    python bench/rules_bench.py [--patched] 10 1000 100000
-
-`--patched` applies the rule-engine prototypes of bench/rules_patches.py first.
+    python bench/rules_bench.py 10 1000 100000
 
 Each config mixes the matcher kinds the way large real configs do: 40% exact domains, 30%
 suffixes, 20% globs, 10% CIDRs (prefix lengths /8../32), alternating direct and via. The YAML
@@ -107,12 +105,6 @@ def bench(n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--patched"]:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import rules_patches
-
-        rules_patches.apply()
-        argv = argv[1:]
     sizes = [int(a) for a in argv] or [10, 1000, 100_000]
     print(json.dumps({str(n): bench(n) for n in sizes}))
     return 0

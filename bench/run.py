@@ -49,6 +49,7 @@ class Settings:
         "fast/uvloop/nosplice",
         "streams/uvloop",
         "fast/uvloop/accept",
+        "fast/uvloop/protocol",
     )
     peers: tuple[str, ...] = ("tinyproxy", "pproxy", "microsocks", "dante")
     rule_sizes: tuple[int, ...] = (10, 1000, 100_000)
@@ -495,10 +496,9 @@ def run_loads(
 # -- rules and CLI ----------------------------------------------------------------------------
 
 
-def rules_bench(s: Settings, patched: bool = False) -> dict[str, Any]:
-    flag = ["--patched"] if patched else []
+def rules_bench(s: Settings) -> dict[str, Any]:
     sizes = [str(n) for n in s.rule_sizes]
-    argv = pinned(PROXY_CPU, [sys.executable, str(BENCH / "rules_bench.py"), *flag, *sizes])
+    argv = pinned(PROXY_CPU, [sys.executable, str(BENCH / "rules_bench.py"), *sizes])
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
     if out.returncode != 0:
         return {"failed": out.stderr[-500:]}
@@ -662,7 +662,6 @@ def main(argv: list[str] | None = None) -> int:
     if "rules" not in skip:
         print("rule engine", flush=True)
         data["rules"] = rules_bench(s)
-        data["rules_patched"] = rules_bench(s, patched=True)
     if "cli" not in skip:
         print("cli latency", flush=True)
         data["cli"] = cli_bench(workdir)
