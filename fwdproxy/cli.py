@@ -215,11 +215,11 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def _live_health(cfg: Any) -> dict[str, Any] | None:
     """Member health from the running proxy's admin API, if one is configured and answers."""
+    if cfg.admin is None:
+        return None
     import json
     import urllib.request
 
-    if cfg.admin is None:
-        return None
     host = cfg.admin.host if cfg.admin.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{format_host(host)}:{cfg.admin.port}/api/upstreams"
     req = urllib.request.Request(url)

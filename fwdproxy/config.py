@@ -6,7 +6,6 @@ so an operator fixes a file in one edit instead of one error per restart.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import re
@@ -771,6 +770,8 @@ def load_config(
     cfg = parse_config(
         data, str(p), upstream_override=upstream_override, listen_override=listen_override, env=env
     )
+    import hashlib
+
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return _with_digest(cfg, digest)
 

@@ -272,7 +272,8 @@ class Session:
         except FwdProxyError as e:
             await reply(e, None)
             raise
-        await reply(None, w.get_extra_info("sockname"))
+        # Only SOCKS5 reports the bound address; fetching it costs a syscall on uvloop.
+        await reply(None, w.get_extra_info("sockname") if self.info.protocol == "socks5" else None)
         await self._relay(prefetched, r, w)
 
     async def _relay(self, prefetched: bytes, r: Any, w: Any) -> None:
