@@ -145,7 +145,10 @@ class Session:
         except (ConnectionError, asyncio.IncompleteReadError):
             self._finish("client-reset")
         except asyncio.TimeoutError:
-            self._finish("handshake-timeout", "client too slow")
+            if self.info.target:  # a keep-alive connection or origin that went quiet
+                self._finish("idle-timeout", "no data within idle_timeout_s")
+            else:
+                self._finish("handshake-timeout", "client too slow")
             if not self.info.target and self.buf[:1].isalpha():
                 self.writer.write(http_error_response(408, "request head not received in time"))
         except FwdProxyError as e:
