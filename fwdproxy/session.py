@@ -54,7 +54,7 @@ RELAY = relay if os.environ.get("FWDPROXY_RELAY") == "streams" else relay_fast.r
 _ids = itertools.count(1)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ConnInfo:
     """A live connection as the admin API and the access log see it."""
 
@@ -116,6 +116,8 @@ def check_password(users: dict[str, str] | Any, user: str, password: str) -> boo
 
 class Session:
     """Handles one client connection from accept to close."""
+
+    __slots__ = ("buf", "config", "info", "listener", "peer_ip", "reader", "state", "writer")
 
     def __init__(
         self,
