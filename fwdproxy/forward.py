@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from fwdproxy.addr import format_host_port
-from fwdproxy.errors import DialError, FwdProxyError, ProtocolError, Rejected, http_status
+from fwdproxy.errors import FwdProxyError, ProtocolError, Rejected, http_status
 from fwdproxy.proto.http1 import absolute_target, strip_hop_by_hop
+from fwdproxy.session import outcome_of
 
 if TYPE_CHECKING:
     from fwdproxy.session import Session
@@ -131,7 +132,7 @@ class _Forwarder:
     async def _one(self, req: h11.Request) -> None:
         s = self.s
         try:
-            s.http_admit(dict(_lower(req.headers)).get(b"proxy-authorization"))
+            s.http_admit(dict(req.headers).get(b"proxy-authorization"))  # h11 lower-cases names
             target = absolute_target(req.target.decode("ascii", "replace"))
         except (Rejected, ProtocolError) as e:
             extra = (
@@ -149,7 +150,7 @@ class _Forwarder:
         except FwdProxyError as e:
             await self._error(http_status(e), str(e))
             await self._discard_body()
-            s._finish(_kind(e), str(e))
+            s._finish(outcome_of(e), str(e))
             return
         await self._exchange(req, origin, target)
 
@@ -246,16 +247,6 @@ class _Forwarder:
             ev = await self._client_event()
             if not isinstance(ev, h11.Data):
                 return
-
-
-def _lower(headers: Any) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in headers]
-
-
-def _kind(e: FwdProxyError) -> str:
-    if isinstance(e, DialError):
-        return f"dial-{e.kind}"
-    return "rejected"
 
 
 async def forward_http(session: Session, first: bytes) -> None:

@@ -154,7 +154,7 @@ class Session:
             if not self.info.target and self.buf[:1].isalpha():
                 self.writer.write(http_error_response(408, "request head not received in time"))
         except FwdProxyError as e:
-            self._finish(_outcome_of(e), str(e))
+            self._finish(outcome_of(e), str(e))
         except asyncio.CancelledError:
             self._finish("closed-by-server")
             raise
@@ -227,13 +227,17 @@ class Session:
         if is_loopback(host) and not self.config.loopback_targets and not is_loopback(self.peer_ip):
             raise Rejected(f"loopback target {host} refused for non-loopback client")
 
-    def decide(self, host: str, port: int) -> Decision:
-        """Route host:port, raising Rejected for a reject rule (naming the rule)."""
+    def _admit_target(self, host: str, port: int) -> None:
+        """Refusals that need no routing decision: overload, deny-list, loops, loopback."""
         if self.state.overloaded:
             raise Overloaded(
                 f"too many connections (limit {self.config.limits.max_connections}); retry later"
             )
         self._check_target(host, port)
+
+    def decide(self, host: str, port: int) -> Decision:
+        """Route host:port, raising Rejected for a reject rule (naming the rule)."""
+        self._admit_target(host, port)
         d = self.config.router.decide(host, port)
         self.info.decision = d
         if d.action == "reject":
@@ -303,11 +307,7 @@ class Session:
         if not (sn.enabled and port in sn.ports and ip_of(host) is not None):
             return None
         try:  # refusals that need no SNI are answered properly, before the early success reply
-            if self.state.overloaded:
-                raise Overloaded(
-                    f"too many connections (limit {self.config.limits.max_connections})"
-                )
-            self._check_target(host, port)
+            self._admit_target(host, port)
         except FwdProxyError as e:
             await reply(e, None)
             raise
@@ -334,11 +334,10 @@ class Session:
             except AddressError:
                 self.info.sni = None
         if self.info.sni:
-            d = self.config.router.decide(self.info.sni, port)
-            if d.action == "via" and self.config.sniff_tls.dial_name:
-                route_host = self.info.sni
             logger.debug("conn %d: %s sniffed SNI %s", self.info.id, host, self.info.sni)
             d = self.decide(self.info.sni, port)
+            if d.action == "via" and sn.dial_name:
+                route_host = self.info.sni
         else:
             d = self.decide(host, port)
         r, w = await self.dial(d, route_host, port)
@@ -505,7 +504,8 @@ class Session:
         access.log(logging.INFO if ok else logging.WARNING, "", extra={"fields": fields})
 
 
-def _outcome_of(e: FwdProxyError) -> str:
+def outcome_of(e: FwdProxyError) -> str:
+    """The access-log outcome for a refused or failed connection."""
     if isinstance(e, Rejected):
         return "auth-failed" if e.status == 407 else "rejected"
     if isinstance(e, DialError):
