@@ -6,6 +6,7 @@ so an operator fixes a file in one edit instead of one error per restart.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -18,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 from fwdproxy.addr import AddressError, normalise_host, split_host_port
 from fwdproxy.errors import ConfigError
 from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec
-from fwdproxy.yamlsrc import LineDict, LineList, line_of, load_yaml
+from fwdproxy.yamlsrc import LineDict, line_of, load_yaml
 
 DEFAULT_LISTEN: Final = "127.0.0.1:3128"
 DEFAULT_CONFIG_NAME: Final = "rules.yaml"
@@ -773,14 +774,4 @@ def load_config(
     import hashlib
 
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return _with_digest(cfg, digest)
-
-
-def _with_digest(cfg: Config, digest: str) -> Config:
-    import dataclasses
-
     return dataclasses.replace(cfg, digest=digest)
-
-
-def is_list(value: Any) -> bool:
-    return isinstance(value, (list, LineList))
