@@ -72,7 +72,13 @@ def normalise_host(host: str) -> str:
     legacy = _inet_aton(h)
     if legacy is not None:
         return legacy
-    for label in h.split("."):
+    labels = h.split(".")
+    if _NUMBER.match(labels[-1]):
+        # A name whose last label is a number is an IPv4 address to every URL parser and
+        # resolver (WHATWG URL "ends in a number"); one that is not a valid address
+        # (`1.2.3.4.5`, `1.2.3.256`) is neither an address nor a name.
+        raise AddressError(f"invalid host {host!r}: looks like an IPv4 address but is not one")
+    for label in labels:
         if not _LABEL_OK.match(label):
             raise AddressError(f"invalid host name {host!r}")
     return h

@@ -746,6 +746,26 @@ def _merge_user_registries(
     return dict(merge_catalog(catalog, extra))
 
 
+# An unquoted item with a colon inside a flow list or mapping (`[10.0.0.0/8, ::1/128]`,
+# `{hosts: [a:1]}`): YAML reads the colon as a key separator and fails with a message that
+# names no cause.
+_FLOW_COLON: Final = re.compile(r"[\[{,]\s*[^\s'\"\[\]{},]*:[^\s\]},]")
+
+
+def _yaml_hint(text: str, line: int | None) -> str:
+    """A likely cause for a YAML syntax error on (or just before) 0-based `line`, or ''."""
+    if line is None:
+        return ""
+    lines = text.splitlines()
+    for i in (line, line - 1):
+        if 0 <= i < len(lines) and _FLOW_COLON.search(lines[i].split("#", 1)[0]):
+            return (
+                f" (line {i + 1} has an unquoted value with ':' inside [...] or {{...}}, "
+                "such as an IPv6 address or host:port; quote it: \"::1/128\")"
+            )
+    return ""
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -767,7 +787,8 @@ def load_config(
         mark = getattr(e, "problem_mark", None)
         loc = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([f"{loc}: YAML syntax error: {problem}"]) from None
+        hint = _yaml_hint(text, mark.line if mark is not None else None)
+        raise ConfigError([f"{loc}: YAML syntax error: {problem}{hint}"]) from None
     cfg = parse_config(
         data, str(p), upstream_override=upstream_override, listen_override=listen_override, env=env
     )

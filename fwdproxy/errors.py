@@ -89,9 +89,15 @@ class DialTimeout(DialError, TimeoutError):
 class Rejected(FwdProxyError):
     """A rule, the target deny-list or the client allow-list refused the connection."""
 
-    def __init__(self, message: str, *, status: int = 403) -> None:
+    def __init__(self, message: str, *, status: int = 403, credentials_given: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        # A 407 for wrong credentials (a guess) rather than for missing ones (a challenge).
+        self.credentials_given = credentials_given
+
+
+class HandshakeTimeout(FwdProxyError):
+    """The client did not finish its handshake or request head in time (HTTP 408)."""
 
 
 class Overloaded(FwdProxyError):
@@ -128,6 +134,8 @@ def http_status(err: BaseException) -> int:
         return err.status
     if isinstance(err, Overloaded):
         return 503
+    if isinstance(err, HandshakeTimeout):
+        return 408
     if isinstance(err, ProtocolError):
         return err.status_hint
     if isinstance(err, TimeoutError):

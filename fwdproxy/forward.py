@@ -16,8 +16,15 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from fwdproxy.addr import format_host_port
-from fwdproxy.errors import FwdProxyError, ProtocolError, Rejected, http_status
-from fwdproxy.proto.http1 import absolute_target, strip_hop_by_hop
+from fwdproxy.errors import (
+    FwdProxyError,
+    HandshakeTimeout,
+    ProtocolError,
+    Rejected,
+    http_error_response,
+    http_status,
+)
+from fwdproxy.proto.http1 import absolute_target, framing_problem, strip_hop_by_hop
 from fwdproxy.session import outcome_of
 
 if TYPE_CHECKING:
@@ -57,13 +64,37 @@ class _Forwarder:
         self.client.receive_data(first)
         self.origin: _Origin | None = None
         self.idle_s = session.config.limits.idle_timeout_s
+        self.head_s = session.config.limits.handshake_timeout_s
+        # Set when the first byte of a request head arrives: the whole head must follow by then.
+        self.head_deadline: float | None = None
+        # A 407 challenge (no credentials) on this connection; the connection ends as
+        # auth-failed unless a later request was let through.
+        self.challenged: Rejected | None = None
+        self.admitted = False
 
     async def _client_event(self) -> Any:
         while True:
             ev = self.client.next_event()
             if ev is not h11.NEED_DATA:
+                if isinstance(ev, h11.Request):
+                    self.head_deadline = None
                 return ev
-            data = await asyncio.wait_for(self.s.reader.read(CHUNK), self.idle_s)
+            timeout = self.idle_s
+            if self.client.their_state is h11.IDLE and self.client.trailing_data[0]:
+                # Part of the next request head is here: a keep-alive connection may idle
+                # between requests, but a head that drips in is bounded as a handshake is.
+                now = time.monotonic()
+                if self.head_deadline is None:
+                    self.head_deadline = now + self.head_s
+                timeout = self.head_deadline - now
+                if timeout <= 0:
+                    self._head_timeout()
+            try:
+                data = await asyncio.wait_for(self.s.reader.read(CHUNK), timeout)
+            except asyncio.TimeoutError:
+                if self.head_deadline is not None:
+                    self._head_timeout()
+                raise
             self.client.receive_data(data)
 
     async def _origin_event(self, o: _Origin) -> Any:
@@ -73,6 +104,12 @@ class _Forwarder:
                 return ev
             data = await asyncio.wait_for(o.reader.read(CHUNK), self.idle_s)
             o.conn.receive_data(data)
+
+    def _head_timeout(self) -> None:
+        # h11 has no request to answer yet, so the 408 goes out as raw bytes; we close anyway.
+        msg = "request head not received in time"
+        self.s.writer.write(http_error_response(408, msg))
+        raise HandshakeTimeout(msg)
 
     async def _send_client(self, ev: Any) -> None:
         data = self.client.send(ev)
@@ -101,8 +138,11 @@ class _Forwarder:
                 try:
                     ev = await self._client_event()
                 except h11.RemoteProtocolError as e:
-                    await self._error(e.error_status_hint, f"malformed request: {e}")
-                    raise ProtocolError(f"malformed request: {e}") from None
+                    # h11 hints 501 for a Transfer-Encoding it does not implement; a request
+                    # whose body length cannot be determined is malformed (RFC 9112 §6.3): 400.
+                    status = 431 if e.error_status_hint == 431 else 400
+                    await self._error(status, f"malformed request: {e}")
+                    raise ProtocolError(f"malformed request: {e}", status_hint=status) from None
                 if isinstance(ev, h11.ConnectionClosed):
                     return
                 if not isinstance(ev, h11.Request):
@@ -115,6 +155,12 @@ class _Forwarder:
                     )
                     return
                 self.s.info.requests += 1
+                problem = framing_problem(ev.headers)
+                if problem:
+                    # RFC 9112 §6.1: answer and close, or the rest of the stream is a request
+                    # the origin and this proxy would disagree about (request smuggling).
+                    await self._error(400, problem)
+                    raise ProtocolError(problem)
                 await self._one(ev)
                 if self.client.our_state is h11.MUST_CLOSE or self.client.their_state in (
                     h11.MUST_CLOSE,
@@ -139,10 +185,13 @@ class _Forwarder:
                 [("Proxy-Authenticate", 'Basic realm="fwdproxy"')] if http_status(e) == 407 else []
             )
             await self._error(http_status(e), str(e), extra)
-            await self._discard_body()
-            if isinstance(e, Rejected) and e.status == 407:
+            if isinstance(e, Rejected) and e.status == 407 and not e.credentials_given:
+                # A challenge: the client may answer it on this connection.
+                await self._discard_body()
+                self.challenged = e
                 return
-            raise
+            raise  # wrong credentials end the connection, as on CONNECT and SOCKS5
+        self.admitted = True
         s.info.target = format_host_port(target.host, target.port)
         try:
             d = s.decide(target.host, target.port)
@@ -214,6 +263,10 @@ class _Forwarder:
                     continue
                 if isinstance(ev, h11.Response):
                     headers = strip_hop_by_hop(list(ev.headers.raw_items()))
+                    if any(k.lower() == b"transfer-encoding" for k, _ in headers):
+                        # h11 framed the body by chunked; a Content-Length beside it would
+                        # let the client frame it differently.
+                        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
                     await self._send_client(
                         h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
                     )
@@ -251,5 +304,8 @@ class _Forwarder:
 
 async def forward_http(session: Session, first: bytes) -> None:
     """Serve absolute-form HTTP requests on this connection until it closes."""
-    await _Forwarder(session, first).run()
+    fw = _Forwarder(session, first)
+    await fw.run()
+    if fw.challenged is not None and not fw.admitted:
+        session._finish("auth-failed", str(fw.challenged))
     session._finish("ok")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,30 @@ from dataclasses import dataclass, field
 CHUNK = 256 * 1024
 
 _CLOSE_ERRORS = (ConnectionError, OSError, RuntimeError)
+
+# How a peer that has gone away shows up on the socket that still talks to it. Go, Java and
+# Node TLS clients close without close_notify, so the origin's close_notify meets one of these
+# on every successful pull: a normal end, not an error.
+_GONE_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED, errno.ESHUTDOWN}
+)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` for logs (the type alone when the message is empty)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def ended_by(side: str, exc: BaseException) -> str:
+    """`client-reset`/`target-reset` when `side` simply went away, else `<side>-error`.
+
+    The one classification both relays use, so a tunnel ends the same way whichever moved it.
+    """
+    if isinstance(exc, OSError) and exc.errno in _GONE_ERRNOS:
+        return f"{side}-reset"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return f"{side}-reset"
+    return f"{side}-error"
 
 
 @dataclass(slots=True)
@@ -42,7 +67,9 @@ class Counters:
 class RelayResult:
     up: int
     down: int
-    closed_by: str  # "client", "target", "idle", "error", "cancelled"
+    # "client"/"target" (that side ended first, cleanly), "client-reset"/"target-reset" (that
+    # side vanished), "client-error"/"target-error", "idle", "error", "cancelled"
+    closed_by: str
     error: str | None = None
 
 
@@ -108,9 +135,10 @@ async def relay(
             for t in done:
                 exc = t.exception()
                 if exc is not None:
-                    error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                    closed_by = "client" if t is t_up else "target"
-                    closed_by += "-error"
+                    # A pump fails on its write side as often as on its read side; the errno
+                    # says which peer vanished only in the read case, so name the pump's source.
+                    error = describe(exc)
+                    closed_by = ended_by("client" if t is t_up else "target", exc)
                     pending.clear()
                     break
                 if not closed_by:

@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-from fwdproxy.relay import Counters, Endpoint, RelayResult
+from fwdproxy.relay import Counters, Endpoint, RelayResult, describe, ended_by
 
 __all__ = ["Counters", "Endpoint", "RelayResult", "relay"]
 
@@ -229,7 +229,7 @@ class _Side(asyncio.Protocol):
             try:
                 out.write_eof()
             except (OSError, RuntimeError) as e:
-                t.finish(self.peer.name + "-error", _describe(e))
+                t.finish(ended_by(self.peer.name, e), describe(e))
                 return
         else:
             t.finish(self.name)
@@ -239,7 +239,7 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
-            self.tunnel.finish(self.name + "-error", _describe(exc))
+            self.tunnel.finish(ended_by(self.name, exc), describe(exc))
         else:
             self.tunnel.finish(self.tunnel.closed_by or self.name)
 
@@ -322,7 +322,7 @@ class _Splicer:
             self.dst = os.dup(side.peer.transport.get_extra_info("socket").fileno())
         except OSError as e:
             self.close()
-            side.tunnel.finish("error", _describe(e))
+            side.tunnel.finish("error", describe(e))
             return
         self.state = "running"
         self.want_read(True)
@@ -345,7 +345,7 @@ class _Splicer:
             else:
                 return  # spurious wake-up
         except OSError as e:
-            side.tunnel.finish(side.name + "-error", _describe(e))
+            side.tunnel.finish(ended_by(side.name, e), describe(e))
             return
         if n < 0:
             self.want_read(False)  # back-pressure: resume once the destination took some
@@ -375,7 +375,7 @@ class _Splicer:
                     self.loop.add_writer(self.dst, self.writable)
                 return
             except OSError as e:
-                self.side.tunnel.finish(self.side.peer.name + "-error", _describe(e))
+                self.side.tunnel.finish(ended_by(self.side.peer.name, e), describe(e))
                 return
             self.in_pipe -= m
         if self.writing:
@@ -403,7 +403,7 @@ class _Splicer:
         try:
             _shutdown_write(self.dst)
         except OSError as e:
-            t.finish(self.side.peer.name + "-error", _describe(e))
+            t.finish(ended_by(self.side.peer.name, e), describe(e))
             return
         if self.side.peer.eof:
             t.finish(t.closed_by)
@@ -433,10 +433,6 @@ def _shutdown_write(fd: int) -> None:
         s.shutdown(socket.SHUT_WR)
     finally:
         s.detach()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _install(side: _Side, transport: Any) -> None:
@@ -503,7 +499,7 @@ def start_relay(
         if left.error is None and side.transport.is_closing():
             left.error = ConnectionResetError("connection closed before the relay started")
         if left.error is not None:
-            tunnel.finish(side.name + "-error", _describe(left.error))
+            tunnel.finish(ended_by(side.name, left.error), describe(left.error))
             return
     for side, left in zip((a, b), lefts, strict=True):
         if left.data:

@@ -24,6 +24,7 @@ from fwdproxy.dial import Deadline, open_direct
 from fwdproxy.errors import (
     DialError,
     FwdProxyError,
+    HandshakeTimeout,
     Overloaded,
     ProtocolError,
     Rejected,
@@ -117,7 +118,17 @@ def check_password(users: dict[str, str] | Any, user: str, password: str) -> boo
 class Session:
     """Handles one client connection from accept to close."""
 
-    __slots__ = ("buf", "config", "info", "listener", "peer_ip", "reader", "state", "writer")
+    __slots__ = (
+        "buf",
+        "config",
+        "deadline",
+        "info",
+        "listener",
+        "peer_ip",
+        "reader",
+        "state",
+        "writer",
+    )
 
     def __init__(
         self,
@@ -137,6 +148,9 @@ class Session:
             client=format_host_port(self.peer_ip, int(peer[1])), listener=listener.address
         )
         self.buf = b""
+        # The whole handshake must be done by then, however the client paces its bytes: a
+        # per-read timeout lets a client that drips one byte at a time hold a slot forever.
+        self.deadline = time.monotonic() + self.config.limits.handshake_timeout_s
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -173,8 +187,7 @@ class Session:
             self.info.error = error
 
     async def _run(self) -> None:
-        limits = self.config.limits
-        first = await asyncio.wait_for(self.reader.read(READ_CHUNK), limits.handshake_timeout_s)
+        first = await self._read_handshake()
         if not first:
             self._finish("empty")
             return
@@ -195,10 +208,15 @@ class Session:
         else:
             await self._http()
 
+    async def _read_handshake(self) -> bytes:
+        """One read, bounded by what is left of the handshake deadline."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise asyncio.TimeoutError
+        return await asyncio.wait_for(self.reader.read(READ_CHUNK), left)
+
     async def _read_more(self) -> bytes:
-        data = await asyncio.wait_for(
-            self.reader.read(READ_CHUNK), self.config.limits.handshake_timeout_s
-        )
+        data = await self._read_handshake()
         if not data:
             raise ConnectionResetError("client closed during the handshake")
         return data
@@ -292,12 +310,9 @@ class Session:
             idle_timeout_s=self.config.limits.idle_timeout_s,
             counters=self.info.counters,
         )
-        outcome = "ok" if res.error is None else res.closed_by
-        if res.error and res.error.startswith(("ConnectionResetError", "BrokenPipeError")):
-            # A reset at the end of an exchange is how many servers close (lingering close):
-            # worth recording, not worth a warning.
-            outcome = res.closed_by.replace("-error", "-reset")
-        self._finish(outcome, res.error)
+        # A reset at the end of an exchange is how many peers close (lingering close, TLS
+        # clients without close_notify): the relay calls it `*-reset`, logged at INFO.
+        self._finish("ok" if res.error is None else res.closed_by, res.error)
 
     async def _maybe_sniff(
         self, host: str, port: int, prefetched: bytes, reply: Any
@@ -306,8 +321,10 @@ class Session:
         sn = self.config.sniff_tls
         if not (sn.enabled and port in sn.ports and ip_of(host) is not None):
             return None
-        try:  # refusals that need no SNI are answered properly, before the early success reply
-            self._admit_target(host, port)
+        try:
+            # The address's own decision bounds what an SNI may do: a target the rules reject
+            # is refused here, before the early success reply, whatever name the client sends.
+            by_ip = self.decide(host, port)
         except FwdProxyError as e:
             await reply(e, None)
             raise
@@ -333,13 +350,18 @@ class Session:
                 self.info.sni = normalise_host(name)
             except AddressError:
                 self.info.sni = None
+        d = by_ip
         if self.info.sni:
             logger.debug("conn %d: %s sniffed SNI %s", self.info.id, host, self.info.sni)
-            d = self.decide(self.info.sni, port)
-            if d.action == "via" and sn.dial_name:
-                route_host = self.info.sni
-        else:
-            d = self.decide(host, port)
+            by_sni = self.decide(self.info.sni, port)  # a reject rule for the name still refuses
+            # The client chose the name: it may send the connection through a tunnel, but never
+            # turn the address's decision into a direct dial it would not otherwise get.
+            if by_sni.action == "via":
+                d = by_sni
+                if sn.dial_name:
+                    route_host = self.info.sni
+            else:
+                self.info.decision = by_ip
         r, w = await self.dial(d, route_host, port)
         await self._relay(hello, r, w)
         return True
@@ -464,7 +486,11 @@ class Session:
         if cred is None:
             raise Rejected("proxy authentication required", status=407)
         if not check_password(self.config.users, cred[0], cred[1]):
-            raise Rejected(f"proxy authentication failed for user {cred[0]!r}", status=407)
+            raise Rejected(
+                f"proxy authentication failed for user {cred[0]!r}",
+                status=407,
+                credentials_given=True,
+            )
         self.info.user = cred[0]
 
     async def http_refuse(self, e: FwdProxyError) -> None:
@@ -514,4 +540,6 @@ def outcome_of(e: FwdProxyError) -> str:
         return "bad-request"
     if isinstance(e, Overloaded):
         return "overloaded"
+    if isinstance(e, HandshakeTimeout):
+        return "handshake-timeout"
     return "error"

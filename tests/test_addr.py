@@ -241,3 +241,23 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 )
 def test_ip_of(host: str, is_ip: bool) -> None:
     assert (ip_of(host) is not None) is is_ip
+
+
+@given(st.lists(st.integers(0, 999).map(str), min_size=1, max_size=7), st.sampled_from(["", "."]))
+def test_numeric_last_label_is_an_address_or_an_error_never_a_name(
+    labels: list[str], dot: str
+) -> None:
+    """`1.2.3.4.5` and friends: every resolver reads a numeric last label as IPv4, so such a
+    host is either a valid address (canonicalised) or refused; never a name for the rules."""
+    host = ".".join(labels) + dot
+    try:
+        out = normalise_host(host)
+    except AddressError:
+        return
+    assert ipaddress.ip_address(out).version == 4
+
+
+@given(NAME, st.integers(0, 99999))
+def test_name_with_a_numeric_last_label_is_refused(name: str, n: int) -> None:
+    with pytest.raises(AddressError):
+        normalise_host(f"{name}.{n}")

@@ -264,6 +264,27 @@ def test_load_config_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     assert 3 <= line <= 5
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rules:\n  - {cidr: [10.0.0.0/8, ::1/128], action: direct}\n",
+        "deny_targets: [::1/128]\n",
+        "rules:\n  - name: x\n    cidr: [10.0.0.0/8, ::1/128]\n    action: direct\n",
+    ],
+    ids=["flow-mapping", "flow-list", "block-item"],
+)
+def test_load_config_unquoted_colon_in_a_flow_list_names_the_cause(
+    tmp_path: Path, text: str
+) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env={})
+    (problem,) = e.value.problems
+    assert "YAML syntax error" in problem
+    assert "quote it" in problem and "':'" in problem, problem
+
+
 def test_load_config_duplicate_key_is_an_error_with_line(tmp_path: Path) -> None:
     f = tmp_path / "r.yaml"
     f.write_text("listen: 127.0.0.1:1\ndefault: direct\ndefault: reject\n")

@@ -14,7 +14,9 @@ checked on both transport implementations; the rig is real loopback sockets:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import random
 import socket
 import struct
@@ -373,11 +375,60 @@ def test_relay_reset_closes_both_with_error(relay_fn: RelayFn, run: Any, side: s
             survivor = rig.client_r
         _, _ = await read_to_end(survivor)  # EOF or reset: either way it was closed
         res = await rig.task  # type: ignore[misc]
-        assert res.closed_by == f"{side}-error"
+        assert res.closed_by == f"{side}-reset"  # the peer vanished: a normal end, logged at INFO
         assert res.error is not None and "Reset" in res.error
         assert rig.pc_w.transport.is_closing() and rig.pt_w.transport.is_closing()
 
     run(with_rig(body))
+
+
+@pytest.mark.parametrize(
+    "err",
+    [errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET],
+    ids=["ENOTCONN", "EPIPE", "ECONNRESET"],
+)
+def test_relay_peer_gone_at_half_close_is_a_reset(
+    relay_fn: RelayFn, err: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Go, Java and Node TLS clients close without close_notify: the origin's close_notify and
+    FIN then meet a socket the client has already reset, and the half-close fails with one of
+    these errnos. The tunnel carried every byte; it must end as a reset, never as an error."""
+
+    def gone(*_: Any) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(relay_fast, "_shutdown_write", gone)  # the splice path's half-close
+
+    async def body(rig: Rig) -> None:
+        rig.pc_w.transport.write_eof = gone  # type: ignore[method-assign]
+        rig.start_relay(relay_fn)
+        rig.origin_w.write(b"close_notify")
+        assert await rig.client_r.readexactly(12) == b"close_notify"
+        rig.client_w.write_eof()  # the client is done too (it closes without close_notify)
+        rig.origin_w.close()  # FIN from the origin: the relay half-closes toward the client
+        res = await rig.task  # type: ignore[misc]
+        assert not res.closed_by.endswith("-error"), (res.closed_by, res.error)
+        assert res.closed_by in ("client-reset", "client", "target"), res.closed_by
+
+    # asyncio's own transports only: uvloop's cannot have write_eof replaced on an instance.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(with_rig(body), 30))
+    finally:
+        loop.close()
+
+
+def test_ended_by_classifies_vanished_peers() -> None:
+    for e in (
+        OSError(errno.ENOTCONN, "x"),
+        OSError(errno.EPIPE, "x"),
+        ConnectionResetError(),
+        BrokenPipeError(),
+        ConnectionAbortedError(),
+    ):
+        assert relay_streams.ended_by("client", e) == "client-reset"
+    assert relay_streams.ended_by("target", OSError(errno.EIO, "x")) == "target-error"
+    assert relay_streams.ended_by("target", RuntimeError("x")) == "target-error"
 
 
 def test_relay_idle_timeout_closes_both(relay_fn: RelayFn, run: Any) -> None:

@@ -24,7 +24,7 @@ import pytest
 import trustme
 from aiohttp import web
 from helpers import LOOPBACK, EchoServer, RunningProxy, Upstream, poll_until, running_proxy
-from python_socks import ProxyType
+from python_socks import ProxyError, ProxyType
 from python_socks.async_.asyncio import Proxy
 from test_discover import start_resolving_socks
 
@@ -339,3 +339,48 @@ async def test_sni_denied_ip_target_gets_socks5_not_allowed(
         w.close()
     assert reply[:2] == b"\x05\x02"  # NOT_ALLOWED, not a success followed by a close
     assert (await finished(closed)).outcome == "rejected"
+
+
+# -- an SNI never widens what the address's own decision allows (security) -----------------
+
+
+@pytest.mark.parametrize("protocol", sorted(CLIENTS), ids=sorted(CLIENTS))
+async def test_sni_cannot_turn_a_rejected_ip_into_a_dial(
+    protocol: str, origin: TlsOrigin, upstream: Upstream, ca: trustme.CA, stack: AsyncExitStack
+) -> None:
+    """`route 127.0.0.1:PORT` says reject; an SNI naming a direct-routed host must not dial it."""
+    cfg = sni_config(upstream, [origin.port])
+    cfg["rules"] = [
+        {"name": "allowed", "domain": ["allowed.example"], "action": "direct"},
+        {"name": "no-local", "cidr": ["127.0.0.1/32"], "action": "reject"},
+    ]
+    proxy, closed = await start_proxy(stack, cfg)
+    with pytest.raises((aiohttp.ClientError, OSError, AssertionError, ProxyError)):
+        await CLIENTS[protocol](proxy, origin.port, client_ctx(ca), "allowed.example")
+    info = await finished(closed)
+    assert info.outcome == "rejected", info.outcome
+    assert origin.snis == []  # the origin never saw a TLS handshake
+    assert info.counters.up == 0
+
+
+async def test_sni_rejected_ip_is_refused_before_any_success_reply(
+    upstream: Upstream, stack: AsyncExitStack
+) -> None:
+    """Under `default: reject` an IP on a sniffed port gets 403, not an early 200 and a close."""
+    cfg = sni_config(upstream, [8443])
+    cfg["default"] = "reject"
+    proxy, closed = await start_proxy(stack, cfg)
+    reply = await _connect_status(proxy, "127.0.0.2:8443")
+    assert reply.startswith(b"HTTP/1.1 403"), reply
+    assert (await finished(closed)).outcome == "rejected"
+
+
+async def test_sni_naming_a_tunnelled_host_still_tunnels_a_direct_ip(
+    origin: TlsOrigin, upstream: Upstream, ca: trustme.CA, stack: AsyncExitStack
+) -> None:
+    """What an SNI may do: send a connection the address would dial directly through a tunnel."""
+    proxy, closed = await start_proxy(stack, sni_config(upstream, [origin.port], dial_name=False))
+    body = await https_via_connect(proxy, origin.port, client_ctx(ca), NAME)
+    assert body.startswith("hello")
+    info = await finished(closed)
+    assert info.route == "tunnel" and upstream.carried(origin.port) >= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,6 +20,7 @@ from fwdproxy.errors import ProtocolError
 
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
 _VERSION: Final = re.compile(rb"HTTP/1\.[01]")
+_VERSION_ANY: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _HEADER_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET_OK: Final = re.compile(rb"[\x21-\x7e]+")
 
@@ -103,7 +105,12 @@ def parse_request_head(buf: bytes, max_head_bytes: int = 16384) -> RequestHead |
     if not _VERSION.fullmatch(version):
         if version.startswith(b"HTTP/2"):
             raise ProtocolError("HTTP/2 is not supported on the proxy port", status_hint=505)
-        raise ProtocolError("malformed or unsupported HTTP version", status_hint=505)
+        if _VERSION_ANY.fullmatch(version):
+            raise ProtocolError(
+                f"HTTP version {version.decode('ascii')} is not supported", status_hint=505
+            )
+        # Not a version at all: a malformed request line (RFC 9112 §2.3), not an unsupported one.
+        raise ProtocolError("malformed HTTP version in the request line")
     headers = []
     for line in lines[1:]:
         if not line:
@@ -174,6 +181,26 @@ def strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, by
         if lk in (b"connection", b"proxy-connection"):
             named.update(tok.strip().lower() for tok in v.split(b",") if tok.strip())
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
+def framing_problem(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's body framing is ambiguous, or None (RFC 9112 §6.1, §6.3).
+
+    h11 accepts a request with both Transfer-Encoding and Content-Length and frames it by
+    Transfer-Encoding; an origin or another proxy may frame it by Content-Length. Whatever the
+    two disagree about becomes a second, smuggled request, so such a request is refused.
+    Differing Content-Length values and codings other than a final `chunked` are refused by
+    h11 itself. Header names must be lower-case (as h11 gives them).
+    """
+    te = cl = False
+    for name, _ in headers:
+        if name == b"transfer-encoding":
+            te = True
+        elif name == b"content-length":
+            cl = True
+    if te and cl:
+        return "request has both Transfer-Encoding and Content-Length (RFC 9112 §6.1)"
+    return None
 
 
 def parse_basic_credentials(value: bytes | None) -> tuple[str, str] | None:

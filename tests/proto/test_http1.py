@@ -16,6 +16,7 @@ from fwdproxy.proto.http1 import (
     absolute_target,
     connect_target,
     find_head_end,
+    framing_problem,
     parse_basic_credentials,
     parse_request_head,
     strip_hop_by_hop,
@@ -110,7 +111,7 @@ def test_parse_request_head_431_when_complete_head_exceeds_limit() -> None:
         (b"GET http://a/ HTTP/1.1\r\nA: b\r\n  folded\r\n\r\n", 400),
         (b"GET http://a/ HTTP/2.0\r\n\r\n", 505),
         (b"GET http://a/ HTTP/1.2\r\n\r\n", 505),
-        (b"GET http://a/ FTP/1.1\r\n\r\n", 505),
+        (b"GET http://a/ FTP/1.1\r\n\r\n", 400),  # not a version: malformed
         (b"M" * 40 + b" http://a/ HTTP/1.1\r\n\r\n", 400),
     ],
     ids=[
@@ -339,3 +340,37 @@ def test_parse_basic_credentials_round_trip(user: str, password: str) -> None:
 def test_parse_basic_credentials_random_bytes(value: bytes) -> None:
     got = parse_basic_credentials(value)
     assert got is None or (isinstance(got[0], str) and isinstance(got[1], str))
+
+
+FRAMING = st.sampled_from(
+    [
+        (b"content-length", b"4"),
+        (b"transfer-encoding", b"chunked"),
+        (b"host", b"a"),
+        (b"x-other", b"1"),
+    ]
+)
+
+
+@given(st.lists(FRAMING, max_size=6))
+def test_framing_problem_refuses_exactly_both_framings(headers: list[tuple[bytes, bytes]]) -> None:
+    names = {k for k, _ in headers}
+    both = {b"content-length", b"transfer-encoding"} <= names
+    assert (framing_problem(headers) is not None) == both
+
+
+@given(
+    st.lists(st.sampled_from(["Content-Length: 4", "Transfer-Encoding: chunked", "X: y"])),
+    st.binary(max_size=30),
+)
+def test_request_heads_with_framing_headers_parse_or_fail_typed(
+    lines: list[str], trailing: bytes
+) -> None:
+    """The head parser accepts framing headers in any order; the forwarder's check decides."""
+    raw = ("POST http://a/ HTTP/1.1\r\n" + "".join(x + "\r\n" for x in lines) + "\r\n").encode()
+    head = parse_request_head(raw + trailing)
+    assert head is not None
+    lowered = [(k.lower(), v) for k, v in head.headers]
+    assert (framing_problem(lowered) is not None) == (
+        "Content-Length: 4" in lines and "Transfer-Encoding: chunked" in lines
+    )
