@@ -55,7 +55,10 @@ def _shim(module: types.ModuleType, **overrides: Any) -> types.ModuleType:
 
 
 def apply() -> None:
-    from fwdproxy import addr, dial, rules, server, session
+    from fwdproxy import rules, server
+    from fwdproxy.core import addr
+    from fwdproxy.net import dial
+    from fwdproxy.proxy import session
 
     ip_of = functools.lru_cache(maxsize=4096)(addr.ip_of)
     is_loopback = functools.lru_cache(maxsize=4096)(addr.is_loopback)

@@ -22,9 +22,9 @@ import time
 import types
 from typing import Any
 
-from fwdproxy import relay_fast, server, session
-from fwdproxy.addr import format_host_port
-from fwdproxy.errors import (
+from fwdproxy import server
+from fwdproxy.core.addr import format_host_port
+from fwdproxy.core.errors import (
     FwdProxyError,
     ProtocolError,
     Socks5Reply,
@@ -32,11 +32,13 @@ from fwdproxy.errors import (
     http_status,
     socks_reply,
 )
+from fwdproxy.net import relay_fast
 from fwdproxy.proto._need import NEED_DATA
 from fwdproxy.proto.http1 import connect_target, parse_request_head
 from fwdproxy.proto.sniff import Protocol as Proto
 from fwdproxy.proto.sniff import sniff
 from fwdproxy.proto.socks import Socks5Greeting, Socks5Server
+from fwdproxy.proxy import session
 
 
 class _Pending(asyncio.Protocol):
@@ -213,8 +215,8 @@ class HandshakeProtocol(asyncio.Protocol):
         )
 
     async def dial_direct(self, host: str, port: int) -> tuple[Any, relay_fast.Leftover]:
-        from fwdproxy.dial import classify_os_error
-        from fwdproxy.errors import DialError, DialTimeout
+        from fwdproxy.core.errors import DialError, DialTimeout
+        from fwdproxy.net.dial import classify_os_error
 
         loop = asyncio.get_running_loop()
         addr = self.cfg.hosts.get(host, host)
@@ -252,7 +254,7 @@ class HandshakeProtocol(asyncio.Protocol):
         )
         refuse = session.Session._client_allowed(fake)  # type: ignore[arg-type]
         if refuse:
-            from fwdproxy.errors import Rejected
+            from fwdproxy.core.errors import Rejected
 
             raise Rejected(refuse)
         fake._check_target = lambda h, p: session.Session._check_target(fake, h, p)
@@ -324,7 +326,7 @@ async def _bind(self: server.Server, lst: Any) -> None:
 def apply() -> None:
     import functools
 
-    from fwdproxy import addr
+    from fwdproxy.core import addr
 
     session.ip_of = functools.lru_cache(maxsize=4096)(addr.ip_of)  # type: ignore[attr-defined]
     session.is_loopback = functools.lru_cache(maxsize=4096)(addr.is_loopback)  # type: ignore[attr-defined]

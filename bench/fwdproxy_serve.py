@@ -30,8 +30,10 @@ def main() -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     os.environ["FWDPROXY_RELAY"] = relay
-    from fwdproxy import cli, relay_fast, session
-    from fwdproxy import relay as relay_streams
+    from fwdproxy.cli import main as cli
+    from fwdproxy.net import relay as relay_streams
+    from fwdproxy.net import relay_fast
+    from fwdproxy.proxy import session
 
     chosen = relay_fast.relay if relay == "fast" else relay_streams.relay
     if hasattr(session, "RELAY"):

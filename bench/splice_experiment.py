@@ -104,8 +104,8 @@ class SpliceDirection:
 
 
 async def serve(kind: str, port: int, origin: tuple[str, int]) -> None:
-    from fwdproxy import relay_fast
-    from fwdproxy.relay import Endpoint
+    from fwdproxy.net import relay_fast
+    from fwdproxy.net.relay import Endpoint
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tr, tw = await asyncio.open_connection(*origin)

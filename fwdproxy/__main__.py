@@ -1,3 +1,3 @@
-from fwdproxy.cli import main
+from fwdproxy.cli.main import main
 
 raise SystemExit(main())

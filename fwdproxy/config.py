@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
-from fwdproxy.addr import AddressError, normalise_host, split_host_port
-from fwdproxy.errors import ConfigError
+from fwdproxy.core.addr import AddressError, normalise_host, split_host_port
+from fwdproxy.core.errors import ConfigError
 from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec
 from fwdproxy.yamlsrc import LineDict, line_of, load_yaml
 
@@ -727,7 +727,7 @@ def _apply_upstream_override(upstreams: dict[str, UpstreamGroup], text: str, p: 
 
 
 def _builtin_catalog() -> Mapping[str, Any]:
-    from fwdproxy.catalog import builtin_catalog
+    from fwdproxy.routing.catalog import builtin_catalog
 
     return builtin_catalog()
 
@@ -735,7 +735,7 @@ def _builtin_catalog() -> Mapping[str, Any]:
 def _merge_user_registries(
     catalog: dict[str, Any], raw: Any, p: _Problems, line: int | None
 ) -> dict[str, Any]:
-    from fwdproxy.catalog import merge_catalog, parse_registries
+    from fwdproxy.routing.catalog import merge_catalog, parse_registries
 
     try:
         extra = parse_registries({"registries": raw}, where=p.path)

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwdproxy.addr import ip_of, is_loopback
 from fwdproxy.config import Config, Listener, load_config
-from fwdproxy.errors import ConfigError
-from fwdproxy.session import ConnInfo, Session
-from fwdproxy.upstreams import UpstreamPool
+from fwdproxy.core.addr import ip_of, is_loopback
+from fwdproxy.core.errors import ConfigError
+from fwdproxy.net.upstreams import UpstreamPool
+from fwdproxy.proxy.session import ConnInfo, Session
 
 logger = logging.getLogger("fwdproxy.server")
 
@@ -207,7 +207,7 @@ class Server:
         if spec is None:
             return
         try:
-            from fwdproxy.admin import AdminServer
+            from fwdproxy.admin.app import AdminServer
         except ImportError:
             logger.warning("admin: not available in this build")
             return

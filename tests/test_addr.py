@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy.addr import (
+from fwdproxy.core.addr import (
     AddressError,
     format_host_port,
     ip_of,

@@ -30,7 +30,7 @@ from test_metrics import (
 )
 
 from fwdproxy.config import Config, Listener, parse_config
-from fwdproxy.errors import ConfigError
+from fwdproxy.core.errors import ConfigError
 from fwdproxy.server import Server
 from fwdproxy.yamlsrc import load_yaml
 

@@ -13,7 +13,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy.catalog import (
+from fwdproxy.core.errors import ConfigError
+from fwdproxy.routing.catalog import (
     MULTI_TENANT_PARENTS,
     CatalogHost,
     Registry,
@@ -23,7 +24,6 @@ from fwdproxy.catalog import (
     parse_registries,
     registry_for_ref_host,
 )
-from fwdproxy.errors import ConfigError
 
 REQUIRED_REGISTRIES = (
     *("dockerhub", "ghcr", "lscr", "quay", "redhat", "gcr", "artifact-registry", "k8s"),
@@ -130,7 +130,7 @@ def all_entries() -> list[tuple[str, int, CatalogHost]]:
 
 
 def raw_catalog() -> dict[str, Any]:
-    text = resources.files("fwdproxy").joinpath("catalog.yaml").read_text(encoding="utf-8")
+    text = resources.files("fwdproxy.routing").joinpath("catalog.yaml").read_text(encoding="utf-8")
     doc = yaml.safe_load(text)
     assert isinstance(doc, dict)
     return doc

@@ -21,7 +21,7 @@ from fwdproxy.config import (
     parse_config,
     parse_upstream_url,
 )
-from fwdproxy.errors import ConfigError
+from fwdproxy.core.errors import ConfigError
 from fwdproxy.yamlsrc import load_yaml
 
 SHIPPED = Path(__file__).resolve().parents[1] / "rules.yaml"

@@ -29,10 +29,10 @@ from helpers import LOOPBACK, Blackhole, Upstream, clean_env, closed_port, wait_
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy import discover as dsc
-from fwdproxy.catalog import builtin_catalog, parse_registries
-from fwdproxy.cli import main as cli_main
+from fwdproxy.cli import discover as dsc
+from fwdproxy.cli.main import main as cli_main
 from fwdproxy.config import load_config
+from fwdproxy.routing.catalog import builtin_catalog, parse_registries
 from fwdproxy.rules import Decision
 
 pytestmark = pytest.mark.timeout(90)
@@ -1002,7 +1002,7 @@ def test_discover_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_discover_module_import_is_light() -> None:
     code = (
-        "import sys, fwdproxy.discover; "
+        "import sys, fwdproxy.cli.discover; "
         "print(sorted(m for m in ('aiohttp', 'fwdproxy.server', 'yaml') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fwdproxy import doctor, gen
+from fwdproxy.cli import doctor, gen
 
 TARGETS = [
     "docker-dropin",

@@ -8,9 +8,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fwdproxy.catalog import builtin_catalog, merge_catalog, parse_registries
-from fwdproxy.explain import Explanation, explain, explanation_json, format_explanation, verdict
-from fwdproxy.imageref import ImageRefError, parse_image_ref
+from fwdproxy.routing.catalog import builtin_catalog, merge_catalog, parse_registries
+from fwdproxy.routing.explain import (
+    Explanation,
+    explain,
+    explanation_json,
+    format_explanation,
+    verdict,
+)
+from fwdproxy.routing.imageref import ImageRefError, parse_image_ref
 
 
 @dataclass(frozen=True)

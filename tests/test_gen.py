@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fwdproxy import doctor, gen, noproxy
+from fwdproxy.cli import doctor, gen, noproxy
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).parent.parent
@@ -467,7 +467,8 @@ def test_shell_output_runs_in_sh(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_modules_import_without_asyncio_or_aiohttp() -> None:
     code = (
-        "import sys, fwdproxy.gen, fwdproxy.doctor, fwdproxy.noproxy, fwdproxy.sdnotify;"
+        "import sys, fwdproxy.sdnotify;"
+        "import fwdproxy.cli.gen, fwdproxy.cli.doctor, fwdproxy.cli.noproxy;"
         "bad = sorted(m for m in ('asyncio', 'aiohttp', 'yaml') if m in sys.modules);"
         "print(','.join(bad))"
     )

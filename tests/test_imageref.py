@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fwdproxy.imageref import ImageRef, ImageRefError, normalise, parse_image_ref
+from fwdproxy.routing.imageref import ImageRef, ImageRefError, normalise, parse_image_ref
 
 SHA256 = "sha256:" + "0123456789abcdef" * 4
 SHA512 = "sha512:" + "f" * 128

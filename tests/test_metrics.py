@@ -22,11 +22,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fwdproxy import __version__
+from fwdproxy.admin.metrics import ByteLedger, ProxyMetrics, ThroughputSampler
 from fwdproxy.config import AdminSpec, Config, parse_config
-from fwdproxy.errors import ConfigError
-from fwdproxy.metrics import ByteLedger, ProxyMetrics, ThroughputSampler
+from fwdproxy.core.errors import ConfigError
+from fwdproxy.proxy.session import ConnInfo
 from fwdproxy.server import Server
-from fwdproxy.session import ConnInfo
 from fwdproxy.yamlsrc import load_yaml
 
 DEADLINE_S = 10.0

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy import noproxy
-from fwdproxy.noproxy import NoProxyError, build_no_proxy, go_bypasses
+from fwdproxy.cli import noproxy
+from fwdproxy.cli.noproxy import NoProxyError, build_no_proxy, go_bypasses
 
 # x/net http/httpproxy proxy_test.go: TestUseProxy (port 80). True = bypass (useProxy false).
 GO_NO_PROXY = (

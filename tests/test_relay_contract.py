@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from fwdproxy import relay as relay_streams
-from fwdproxy import relay_fast
-from fwdproxy.relay import Counters, Endpoint, RelayResult
+from fwdproxy.net import relay as relay_streams
+from fwdproxy.net import relay_fast
+from fwdproxy.net.relay import Counters, Endpoint, RelayResult
 
 RelayFn = Callable[..., Awaitable[RelayResult]]
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy.addr import ip_of, normalise_host
+from fwdproxy.core.addr import ip_of, normalise_host
 from fwdproxy.rules import Decision, Router, RuleSpec, glob_tail
 
 DEFAULT = Decision("direct", None, "default")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fwdproxy import doctor, gen
+from fwdproxy.cli import doctor, gen
 
 REPO = Path(__file__).parent.parent
 UNIT = REPO / "systemd" / "fwdproxy.service"

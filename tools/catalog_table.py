@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the registry catalog (fwdproxy/catalog.yaml) as a Markdown table for the docs.
+"""Print the registry catalog (fwdproxy/routing/catalog.yaml) as a Markdown table for the docs.
 
 README.md pastes this output; tests/test_discover.py fails when the two drift apart, so
 after editing catalog.yaml run `python tools/catalog_table.py` and paste the table again.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fwdproxy.catalog import CatalogHost, builtin_catalog, builtin_catalog_version
+from fwdproxy.routing.catalog import CatalogHost, builtin_catalog, builtin_catalog_version
 
 _MARK = {"weak": " (weak)", "false": " (unverified)"}
 

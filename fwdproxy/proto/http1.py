@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from fwdproxy.addr import AddressError, split_host_port
-from fwdproxy.errors import ProtocolError
+from fwdproxy.core.addr import AddressError, split_host_port
+from fwdproxy.core.errors import ProtocolError
 
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
 _VERSION: Final = re.compile(rb"HTTP/1\.[01]")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from fwdproxy.errors import ProtocolError
+from fwdproxy.core.errors import ProtocolError
 
 __all__ = ["Protocol", "sniff"]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
-from fwdproxy.errors import ProtocolError, Socks5Reply
+from fwdproxy.core.errors import ProtocolError, Socks5Reply
 from fwdproxy.proto._need import NEED_DATA, NeedData
 
 __all__ = [

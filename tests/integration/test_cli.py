@@ -25,7 +25,7 @@ from helpers import (
 )
 
 import fwdproxy
-from fwdproxy.cli import build_parser, main
+from fwdproxy.cli.main import build_parser, main
 
 pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parents[2]

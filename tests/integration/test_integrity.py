@@ -37,7 +37,8 @@ ROUTES = pytest.mark.parametrize("name", [DIRECT_NAME, TUNNEL_NAME], ids=["direc
 def relay_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each integrity test runs with the default relay and with the reference streams relay."""
     if request.param == "streams":
-        from fwdproxy import relay, session
+        from fwdproxy.net import relay
+        from fwdproxy.proxy import session
 
         monkeypatch.setattr(session, "RELAY", relay.relay)
     return str(request.param)

@@ -25,8 +25,8 @@ from helpers import (
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
-from fwdproxy.dial import classify_os_error
-from fwdproxy.errors import Socks5Reply
+from fwdproxy.core.errors import Socks5Reply
+from fwdproxy.net.dial import classify_os_error
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy.errors import ProtocolError
+from fwdproxy.core.errors import ProtocolError
 from fwdproxy.proto.http1 import (
     HOP_BY_HOP,
     RequestHead,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy.errors import ProtocolError
+from fwdproxy.core.errors import ProtocolError
 from fwdproxy.proto.sniff import Protocol, sniff
 
 

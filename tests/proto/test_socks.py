@@ -13,7 +13,7 @@ from python_socks._protocols import socks4 as ps4
 from python_socks._protocols import socks5 as ps5
 from python_socks._protocols.errors import ReplyError
 
-from fwdproxy.errors import ProtocolError, Socks5Reply
+from fwdproxy.core.errors import ProtocolError, Socks5Reply
 from fwdproxy.proto import _need, tls
 from fwdproxy.proto.socks import (
     MAX_HOSTNAME_BYTES,

@@ -6,8 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from fwdproxy.dial import Deadline
-from fwdproxy.errors import DialError
+from fwdproxy.core.errors import DialError
+from fwdproxy.net.dial import Deadline
 
 from .rig import (
     connect_tunnel,
@@ -195,7 +195,7 @@ async def test_target_failure_through_healthy_member_does_not_fail_over(tmp_path
 
 
 async def test_pool_respects_deadline_when_dial_hangs(tmp_path: Any) -> None:
-    from fwdproxy.upstreams import UpstreamPool
+    from fwdproxy.net.upstreams import UpstreamPool
 
     from .rig import make_config
 
@@ -203,7 +203,7 @@ async def test_pool_respects_deadline_when_dial_hangs(tmp_path: Any) -> None:
 
     async def hang(spec: Any, host: str, port: int, t: float) -> Any:
         await asyncio.sleep(t)
-        from fwdproxy.errors import DialTimeout
+        from fwdproxy.core.errors import DialTimeout
 
         raise DialTimeout("slow", hop=spec.name)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from fwdproxy.catalog import Registry
     from fwdproxy.config import Config
+    from fwdproxy.routing.catalog import Registry
     from fwdproxy.rules import Decision
 
 EXIT_OK: Final = 0
@@ -160,8 +160,8 @@ def suggest_matcher(host: str, api_host: str) -> tuple[str, str]:
     (cloudfront.net, amazonaws.com, ...) or a public suffix: that would tunnel other people's
     buckets and sites too.
     """
-    from fwdproxy.addr import ip_of
-    from fwdproxy.catalog import MULTI_TENANT_PARENTS
+    from fwdproxy.core.addr import ip_of
+    from fwdproxy.routing.catalog import MULTI_TENANT_PARENTS
 
     if ip_of(host) is not None or ip_of(api_host) is not None:
         return "domain", host
@@ -232,7 +232,7 @@ class SelectError(ValueError):
 
 def split_probe(probe: str) -> tuple[str, str]:
     """`repo`, `repo:tag` or `repo@digest` -> (repository, tag or digest); default tag latest."""
-    from fwdproxy.imageref import REPOSITORY_RE
+    from fwdproxy.routing.imageref import REPOSITORY_RE
 
     repo, at, digest = probe.partition("@")
     ref = digest if at else "latest"
@@ -247,7 +247,7 @@ def split_probe(probe: str) -> tuple[str, str]:
 
 def target_for(registry: Registry) -> Target:
     """The check of a catalog registry; SelectError when it has no probe repository."""
-    from fwdproxy.addr import split_host_port
+    from fwdproxy.core.addr import split_host_port
 
     if not registry.probe:
         raise SelectError(
@@ -276,8 +276,8 @@ def select_targets(
 
 
 def _target_for_arg(catalog: Mapping[str, Registry], arg: str) -> Target:
-    from fwdproxy.catalog import registry_for_ref_host
-    from fwdproxy.imageref import ImageRefError, parse_image_ref
+    from fwdproxy.routing.catalog import registry_for_ref_host
+    from fwdproxy.routing.imageref import ImageRefError, parse_image_ref
 
     if arg in catalog:
         return target_for(catalog[arg])
@@ -557,7 +557,7 @@ class _Env:
         self.proxy_errors: dict[str, str] = {}
 
     def seen(self, report: Report, url: Any, role: str, step: str) -> HostSeen:
-        from fwdproxy.addr import normalise_host
+        from fwdproxy.core.addr import normalise_host
 
         host = normalise_host(str(url.host))
         port = int(url.port or (443 if url.scheme == "https" else 80))
@@ -624,7 +624,7 @@ async def _read_capped(stream: Any) -> bytes:
 
 
 def _target_key(url: Any) -> str:
-    from fwdproxy.addr import format_host_port
+    from fwdproxy.core.addr import format_host_port
 
     return format_host_port(str(url.host), int(url.port or 443))
 
@@ -798,7 +798,7 @@ examples:
 
 def register(subparsers: Any) -> None:
     """Add `discover` to the fwdproxy command line."""
-    from fwdproxy.cli import _add_config_arg, _formatter
+    from fwdproxy.cli.main import _add_config_arg, _formatter
 
     p = subparsers.add_parser(
         "discover",
@@ -838,7 +838,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_discover(args: argparse.Namespace) -> int:
     from fwdproxy.config import load_config
-    from fwdproxy.errors import ConfigError
+    from fwdproxy.core.errors import ConfigError
 
     try:
         cfg = load_config(args.config, upstream_override=args.upstream)
@@ -883,7 +883,7 @@ def _ssl_context(insecure: bool, ca_file: str | None) -> Any:
 def _quiet_proxy_log(level: str | None) -> None:
     """The in-process proxy logs like `serve` only when asked; otherwise it stays silent."""
     if level:
-        from fwdproxy.logsetup import setup_logging
+        from fwdproxy.cli.logsetup import setup_logging
 
         setup_logging(level, "text")
         return

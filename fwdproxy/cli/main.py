@@ -49,7 +49,7 @@ def _load(args: argparse.Namespace, **kw: Any) -> Any:
 
 def _load_or_report(args: argparse.Namespace, summary: bool = False) -> Any:
     """The config for a dry-run command, or None after printing every problem."""
-    from fwdproxy.errors import ConfigError
+    from fwdproxy.core.errors import ConfigError
 
     try:
         return _load(args, upstream_override=args.upstream)
@@ -71,8 +71,8 @@ def _print_problems(problems: list[str]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from fwdproxy.errors import ConfigError
-    from fwdproxy.logsetup import setup_logging
+    from fwdproxy.cli.logsetup import setup_logging
+    from fwdproxy.core.errors import ConfigError
 
     overrides = {"upstream_override": args.upstream, "listen_override": args.listen or None}
     try:
@@ -118,8 +118,8 @@ def _with_admin(cfg: Any, addr: str) -> Any:
     """`--admin HOST:PORT`: enable (or move) the admin listener, keeping the config's token."""
     import dataclasses
 
-    from fwdproxy.addr import split_host_port
     from fwdproxy.config import AdminSpec
+    from fwdproxy.core.addr import split_host_port
 
     host, port = split_host_port(addr, allow_zero=True)
     token = (cfg.admin.token if cfg.admin else None) or os.environ.get("FWDPROXY_ADMIN_TOKEN")
@@ -181,7 +181,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     import json
 
-    from fwdproxy.addr import AddressError, format_host_port, split_host_port
+    from fwdproxy.core.addr import AddressError, format_host_port, split_host_port
 
     cfg = _load_or_report(args)
     if cfg is None:
@@ -284,8 +284,8 @@ def _strip_url(target: str) -> str:
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
-    from fwdproxy.explain import explain, explanation_json, format_explanation
-    from fwdproxy.imageref import ImageRefError
+    from fwdproxy.routing.explain import explain, explanation_json, format_explanation
+    from fwdproxy.routing.imageref import ImageRefError
 
     cfg = _load_or_report(args)
     if cfg is None:
@@ -488,7 +488,7 @@ def _register_optional(sub: Any) -> None:
     """Commands that live in their own modules (kept import-light)."""
     for name in ("discover", "gen", "doctor"):
         try:
-            module = __import__(f"fwdproxy.{name}", fromlist=["register"])
+            module = __import__(f"fwdproxy.cli.{name}", fromlist=["register"])
         except ImportError:
             continue
         module.register(sub)

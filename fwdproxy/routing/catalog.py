@@ -19,8 +19,8 @@ from typing import Final, Literal
 
 import yaml
 
-from fwdproxy.errors import ConfigError
-from fwdproxy.imageref import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST, REPOSITORY_RE
+from fwdproxy.core.errors import ConfigError
+from fwdproxy.routing.imageref import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST, REPOSITORY_RE
 
 Role = Literal["api", "token", "blob"]
 ROLES: Final = ("api", "token", "blob")
@@ -124,7 +124,7 @@ def _compiled(kind: str, pattern: str) -> re.Pattern[str]:
 
 @functools.lru_cache(maxsize=1)
 def _load_builtin() -> tuple[str, dict[str, Registry]]:
-    text = resources.files("fwdproxy").joinpath("catalog.yaml").read_text(encoding="utf-8")
+    text = resources.files("fwdproxy.routing").joinpath("catalog.yaml").read_text(encoding="utf-8")
     # libyaml's parser when available: the catalog is parsed on every CLI run.
     doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     try:

@@ -31,8 +31,8 @@ from fwdproxy import __version__
 from fwdproxy.server import Observer
 
 if TYPE_CHECKING:
+    from fwdproxy.proxy.session import ConnInfo
     from fwdproxy.server import ServerState
-    from fwdproxy.session import ConnInfo
 
 ROUTE_NONE: Final = "none"  # connections that ended before a routing decision
 DIAL_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

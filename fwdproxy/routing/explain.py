@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fwdproxy.catalog import CatalogHost, Registry, registry_for_ref_host
-from fwdproxy.imageref import DEFAULT_PORT, ImageRef, parse_image_ref
+from fwdproxy.routing.catalog import CatalogHost, Registry, registry_for_ref_host
+from fwdproxy.routing.imageref import DEFAULT_PORT, ImageRef, parse_image_ref
 
 
 class RouteDecision(Protocol):

@@ -18,10 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fwdproxy import relay_fast
-from fwdproxy.addr import AddressError, format_host_port, ip_of, is_loopback, normalise_host
-from fwdproxy.dial import Deadline, open_direct
-from fwdproxy.errors import (
+from fwdproxy.core.addr import AddressError, format_host_port, ip_of, is_loopback, normalise_host
+from fwdproxy.core.errors import (
     DialError,
     FwdProxyError,
     HandshakeTimeout,
@@ -33,12 +31,14 @@ from fwdproxy.errors import (
     http_status,
     socks_reply,
 )
+from fwdproxy.net import relay_fast
+from fwdproxy.net.dial import Deadline, open_direct
+from fwdproxy.net.relay import Counters, Endpoint, relay
 from fwdproxy.proto._need import NEED_DATA
 from fwdproxy.proto.http1 import connect_target, parse_basic_credentials, parse_request_head
 from fwdproxy.proto.sniff import Protocol, sniff
 from fwdproxy.proto.socks import Socks4Server, Socks5Credentials, Socks5Greeting, Socks5Server
 from fwdproxy.proto.tls import parse_client_hello_sni
-from fwdproxy.relay import Counters, Endpoint, relay
 from fwdproxy.rules import Decision
 
 if TYPE_CHECKING:
@@ -454,7 +454,7 @@ class Session:
             self.buf += await self._read_more()
         if head.method != "CONNECT":
             self.info.protocol = "http"
-            from fwdproxy.forward import forward_http
+            from fwdproxy.proxy.forward import forward_http
 
             await forward_http(self, self.buf)
             return

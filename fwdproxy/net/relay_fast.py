@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-from fwdproxy.relay import Counters, Endpoint, RelayResult, describe, ended_by
+from fwdproxy.net.relay import Counters, Endpoint, RelayResult, describe, ended_by
 
 __all__ = ["Counters", "Endpoint", "RelayResult", "relay"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from fwdproxy import noproxy
+from fwdproxy.cli import noproxy
 
 DEFAULT_PROXY: Final = "http://127.0.0.1:3128"
 _SAFE_URL: Final = re.compile(r"^[A-Za-z0-9._~%!&()*+,;=:@/\[\]-]+$")

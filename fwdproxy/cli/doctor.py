@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from fwdproxy import gen, noproxy
+from fwdproxy.cli import gen, noproxy
 
 PROBLEM: Final = "problem"
 WARNING: Final = "warning"

@@ -28,8 +28,8 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from fwdproxy import __version__
-from fwdproxy.addr import AddressError, format_host_port, ip_of, is_loopback, split_host_port
-from fwdproxy.metrics import ProxyMetrics, ThroughputSampler, route_key
+from fwdproxy.admin.metrics import ProxyMetrics, ThroughputSampler, route_key
+from fwdproxy.core.addr import AddressError, format_host_port, ip_of, is_loopback, split_host_port
 
 if TYPE_CHECKING:
     from fwdproxy.config import AdminSpec
@@ -194,7 +194,7 @@ _PAGE_CSP: Final = (
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    page = resources.files("fwdproxy").joinpath("static/dashboard.html").read_bytes()
+    page = resources.files("fwdproxy.admin").joinpath("static/dashboard.html").read_bytes()
     return web.Response(
         body=page,
         content_type="text/html",
@@ -290,7 +290,7 @@ def _authority(text: str, default_port: int) -> tuple[str, int]:
 
 async def route(request: web.Request) -> web.Response:
     """Dry run: where would a connection to host:port go, by which rule."""
-    from fwdproxy.cli import route_json
+    from fwdproxy.cli.main import route_json
 
     cfg = request.app[ADMIN].state.config
     host_text = request.query.get("host", "").strip()
@@ -313,9 +313,9 @@ async def explain(request: web.Request) -> web.Response:
     if not image:
         return _json({"error": "give ?image=REFERENCE"}, 400)
     try:
-        from fwdproxy.explain import explain as explain_image
-        from fwdproxy.explain import explanation_json
-        from fwdproxy.imageref import ImageRefError
+        from fwdproxy.routing.explain import explain as explain_image
+        from fwdproxy.routing.explain import explanation_json
+        from fwdproxy.routing.imageref import ImageRefError
     except ImportError:
         return _json({"error": "image explanation is not available in this build"}, 501)
     cfg = request.app[ADMIN].state.config

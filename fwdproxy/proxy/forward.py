@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
-from fwdproxy.addr import format_host_port
-from fwdproxy.errors import (
+from fwdproxy.core.addr import format_host_port
+from fwdproxy.core.errors import (
     FwdProxyError,
     HandshakeTimeout,
     ProtocolError,
@@ -25,10 +25,10 @@ from fwdproxy.errors import (
     http_status,
 )
 from fwdproxy.proto.http1 import absolute_target, framing_problem, strip_hop_by_hop
-from fwdproxy.session import outcome_of
+from fwdproxy.proxy.session import outcome_of
 
 if TYPE_CHECKING:
-    from fwdproxy.session import Session
+    from fwdproxy.proxy.session import Session
 
 CHUNK = 64 * 1024
 

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from fwdproxy.config import Config, UpstreamGroup, UpstreamSpec
-from fwdproxy.dial import Deadline, Streams, open_via
-from fwdproxy.errors import DialError, DialTimeout
+from fwdproxy.core.errors import DialError, DialTimeout
+from fwdproxy.net.dial import Deadline, Streams, open_via
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from fwdproxy.errors import FwdProxyError
+from fwdproxy.core.errors import FwdProxyError
 
 DEFAULT_REGISTRY: Final = "docker.io"
 LEGACY_DEFAULT_REGISTRY: Final = "index.docker.io"

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fwdproxy.config import UpstreamSpec
-from fwdproxy.errors import DialError, DialTimeout, Socks5Reply
+from fwdproxy.core.errors import DialError, DialTimeout, Socks5Reply
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 HAPPY_EYEBALLS_DELAY_S = 0.25

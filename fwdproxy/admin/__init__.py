@@ -1,0 +1,1 @@
+"""The admin listener: HTTP API, Prometheus metrics and the dashboard (aiohttp)."""

@@ -1,0 +1,1 @@
+"""Stdlib-only basics every layer uses: host/port parsing, the error types, outcomes."""

@@ -1,0 +1,1 @@
+"""Outgoing connections and moving bytes: dials, upstream groups, the relay."""

@@ -1,0 +1,1 @@
+"""One client connection: admission, handshakes, routing decisions, relay, access log."""

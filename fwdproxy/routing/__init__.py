@@ -1,0 +1,1 @@
+"""Routing policy, pure: the rule engine, the registry catalog, image references, explain."""
