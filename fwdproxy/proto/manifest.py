@@ -124,10 +124,10 @@ def parse_manifest(body: bytes, media_type: str | None = None) -> Manifest | Ind
     json_type = doc.get("mediaType")
     if json_type is not None and not isinstance(json_type, str):
         raise _invalid("mediaType must be a string")
-    if doc.get("schemaVersion") == 1 or json_type in SCHEMA1_TYPES:
-        raise _schema1()
     version = doc.get("schemaVersion")
-    if type(version) is not int or version != 2:
+    if (type(version) is int and version == 1) or json_type in SCHEMA1_TYPES:
+        raise _schema1()
+    if type(version) is not int or version != 2:  # not bool, not 2.0
         raise _invalid("schemaVersion must be 2")
     kind = _manifest_kind(header_type, json_type, doc)
     if kind in INDEX_TYPES:
