@@ -350,13 +350,17 @@ class MirrorRequest:
         return f"/v2/{self.repository}/{tail}"
 
     def describe(self) -> str:
-        """One log token: `manifest docker.io/library/alpine:latest via ns`."""
+        """For logs: `manifest docker.io/library/alpine:latest via ns, prefix /dockerhub`."""
         what = self.registry.name if self.repository is None else self.name
         if isinstance(self.reference, Tag):
             what = f"{what}:{self.reference}"
         elif self.reference is not None:
             what = f"{what}@{self.reference}"
-        via = self.addressing.value + (f"={self.prefix}" if self.prefix else "")
+        via = self.addressing.value
+        if self.prefix and self.addressing is not Addressing.PREFIX:
+            via += f", prefix /{self.prefix}"
+        elif self.prefix:
+            via += f" /{self.prefix}"
         return f"{self.kind.value} {what} via {via}"
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
-from fwdproxy.proto.oci import validate_name
+from fwdproxy.proto.oci import OCIError, parse_registry, validate_name
 
 __all__ = [
     "MAX_HEADER_LENGTH",
@@ -250,7 +250,8 @@ def bearer_token_request(
 
 
 def _check_realm(realm: str) -> None:
-    """An absolute http(s) URL with a host, no userinfo (credentials to a stranger), no fragment."""
+    """An absolute http(s) URL with a valid host, no userinfo (credentials to a stranger), no
+    fragment."""
     if len(realm) > 2048 or not realm.isascii() or not realm.isprintable() or " " in realm:
         raise WWWAuthenticateError(f"realm is not a URL: {realm[:80]!r}")
     try:
@@ -262,6 +263,10 @@ def _check_realm(realm: str) -> None:
         raise WWWAuthenticateError(f"realm must be an absolute http(s) URL: {realm[:80]!r}")
     if "@" in url.netloc or url.fragment or "#" in realm:
         raise WWWAuthenticateError(f"realm must not carry userinfo or a fragment: {realm[:80]!r}")
+    try:
+        parse_registry(url.netloc)  # the same strict host[:port] grammar as a registry's
+    except OCIError:
+        raise WWWAuthenticateError(f"realm has an invalid host: {realm[:80]!r}") from None
 
 
 @dataclass(frozen=True, slots=True)

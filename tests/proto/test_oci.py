@@ -168,7 +168,11 @@ def test_mirror_request_upstream_path_and_name() -> None:
     ping = parse_mirror_request("GET", "/dockerhub/v2/", prefixes=PREFIXES)
     assert ping.upstream_path == "/v2/"
     assert ping.name is None
-    assert ping.describe() == "ping docker.io via prefix=dockerhub"
+    assert ping.describe() == "ping docker.io via prefix /dockerhub"
+    both = parse_mirror_request(
+        "GET", "/v2/dockerhub/library/alpine/manifests/3", "ns=docker.io", prefixes=PREFIXES
+    )
+    assert both.describe() == "manifest docker.io/library/alpine:3 via ns, prefix /dockerhub"
 
 
 def test_mirror_request_forwards_only_validated_query() -> None:

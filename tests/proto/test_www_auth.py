@@ -212,6 +212,9 @@ def test_bearer_token_request_scope_override_and_several_scopes() -> None:
         (Challenge("bearer", {"realm": "https://a/t x"}), "not a URL"),
         (Challenge("bearer", {"realm": "https://caf\xe9/t"}), "not a URL"),
         (Challenge("bearer", {"realm": "https://a/\r\nX: y"}), "not a URL"),
+        (Challenge("bearer", {"realm": "https://my_auth.io/t"}), "invalid host"),
+        (Challenge("bearer", {"realm": "https://2130706433/t"}), "invalid host"),
+        (Challenge("bearer", {"realm": "https://a..b/t"}), "invalid host"),
     ],
 )
 def test_bearer_token_request_refuses_bad_realms(challenge: Challenge, message: str) -> None:
