@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwdproxy.imageref import REPOSITORY_RE, parse_image_ref
 from fwdproxy.proto.digest import Digest, parse_digest
 from fwdproxy.proto.oci import (
     ERROR_STATUS,
@@ -30,6 +29,7 @@ from fwdproxy.proto.oci import (
     parse_tag,
     validate_name,
 )
+from fwdproxy.routing.imageref import REPOSITORY_RE, parse_image_ref
 
 HEX = "0123456789abcdef" * 4
 DGST = f"sha256:{HEX}"
