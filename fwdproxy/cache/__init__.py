@@ -11,8 +11,9 @@ from fwdproxy.cache.errors import (
     WriterClosed,
 )
 from fwdproxy.cache.flight import Flight, FlightHead, FlightReader, Flights
+from fwdproxy.cache.handle import BlobHandle, Pin
 from fwdproxy.cache.index import BlobInfo, BlobRow, TagInfo
-from fwdproxy.cache.store import BlobHandle, BlobStore, Pin, Usage, VerifyReport
+from fwdproxy.cache.store import BlobStore, Usage, VerifyReport
 from fwdproxy.cache.writer import BlobWriter
 
 __all__ = [

@@ -24,8 +24,9 @@ from types import TracebackType
 from typing import Final
 
 from fwdproxy.cache.errors import CacheError, FlightFailed
+from fwdproxy.cache.handle import BlobHandle
 from fwdproxy.cache.index import BlobInfo
-from fwdproxy.cache.store import BlobHandle, BlobStore
+from fwdproxy.cache.store import BlobStore
 from fwdproxy.cache.writer import BlobWriter
 from fwdproxy.proto.digest import Digest
 
@@ -113,7 +114,11 @@ class Flight:
         if self.done:  # failed while begin() ran in its thread
             writer.abort()
             raise FlightFailed(f"{self.digest}: flight failed while starting") from self._error
-        self._fd = os.open(writer.tmp_path, os.O_RDONLY)
+        try:
+            self._fd = os.open(writer.tmp_path, os.O_RDONLY)
+        except OSError:
+            writer.abort()
+            raise
         self._writer = writer
         self._head = FlightHead(expected_size, media_type)
         self._notify()

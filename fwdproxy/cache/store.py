@@ -16,28 +16,25 @@ under one lock, together with the rename or unlink it describes.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
 
-from fwdproxy.cache.errors import StoreFull, StoreLocked
+from fwdproxy.cache.errors import StoreFull
+from fwdproxy.cache.files import fsync_dir, hash_file, lock_dir, remove_path
+from fwdproxy.cache.handle import BlobHandle, Pin
 from fwdproxy.cache.index import BlobInfo, BlobRow, Index, TagInfo
 from fwdproxy.cache.writer import BlobWriter
 from fwdproxy.proto.digest import ALGORITHMS, Digest, DigestError, parse_digest
 
-__all__ = ["BlobHandle", "BlobStore", "Pin", "Usage", "VerifyReport"]
+__all__ = ["BlobStore", "Usage", "VerifyReport"]
 
 logger = logging.getLogger(__name__)
-
-HASH_CHUNK: Final = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,52 +57,6 @@ class VerifyReport:
         return not self.bad and not self.missing
 
 
-class Pin:
-    """Keeps one digest from being evicted or pruned until released (idempotent)."""
-
-    def __init__(self, store: BlobStore, key: str) -> None:
-        self._store: BlobStore | None = store
-        self._key = key
-
-    def release(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            store._unpin(self._key)
-
-    def __enter__(self) -> Pin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-class BlobHandle:
-    """An open committed blob. It pins the blob, so eviction cannot pull it away mid-read."""
-
-    def __init__(self, info: BlobInfo, file: BinaryIO, pin: Pin) -> None:
-        self.info = info
-        self.file = file
-        self._pin = pin
-
-    def fileno(self) -> int:
-        """For `loop.sendfile`/`os.sendfile`."""
-        return self.file.fileno()
-
-    def pread(self, size: int, offset: int) -> bytes:
-        """Positional read: safe to share one handle between Range responses."""
-        return os.pread(self.file.fileno(), size, offset)
-
-    def close(self) -> None:
-        self.file.close()
-        self._pin.release()
-
-    def __enter__(self) -> BlobHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 class BlobStore:
     """Digest-keyed blob cache with LRU eviction down to `max_size` bytes (0/None: no bound)."""
 
@@ -124,7 +75,7 @@ class BlobStore:
         self._blobs = self.root / "blobs"
         for d in (self.root, self._tmp, self._blobs):
             d.mkdir(parents=True, exist_ok=True)
-        self._lockfile = _lock_dir(self.root / "lock")
+        self._lockfile = lock_dir(self.root / "lock")
         try:
             self._index = Index(self.root / "index.sqlite")
             self._recover()
@@ -184,7 +135,7 @@ class BlobStore:
         key = str(digest)
         with self._lock:
             self._pins[key] = self._pins.get(key, 0) + 1
-        return Pin(self, key)
+        return Pin(lambda: self._unpin(key))
 
     def _unpin(self, key: str) -> None:
         with self._lock:
@@ -205,11 +156,15 @@ class BlobStore:
             raise ValueError(f"negative expected_size {expected_size}")
         if self.max_size is not None and (expected_size or 0) > self.max_size:
             raise StoreFull(f"{digest}: {expected_size} bytes exceed the cache ({self.max_size})")
-        fd, name = tempfile.mkstemp(prefix=f"{digest.algorithm}-{digest.hex[:16]}.", dir=self._tmp)
         reservation = expected_size or 0
         with self._lock:
             self._reserved += reservation
-            self._evict_locked()
+            try:
+                self._evict_locked()
+                fd, name = tempfile.mkstemp(prefix=f"{digest.algorithm}-", dir=self._tmp)
+            except BaseException:
+                self._reserved -= reservation
+                raise
         return BlobWriter(
             self,
             digest,
@@ -244,7 +199,7 @@ class BlobStore:
                 self._bytes += size
                 info = BlobInfo(digest, path, size, writer.media_type)
             self._evict_locked()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return info
 
     def _release(self, writer: BlobWriter) -> None:
@@ -351,7 +306,7 @@ class BlobStore:
             path = self.path_of(digest)
             try:
                 before = path.stat()
-                good = before.st_size == size and _hash_file(path, digest)
+                good = before.st_size == size and hash_file(path, digest)
             except FileNotFoundError:
                 self._drop_missing(key, size, report)
                 continue
@@ -385,7 +340,7 @@ class BlobStore:
     def _recover(self) -> None:
         """Bring files and rows back into agreement after any kind of stop."""
         for leftover in self._tmp.iterdir():
-            _remove_path(leftover)
+            remove_path(leftover)
         on_disk = self._scan_blobs()
         rows = dict(self._index.sizes())
         for key, size in rows.items():
@@ -406,7 +361,7 @@ class BlobStore:
         found: dict[str, int] = {}
         for alg_dir in self._blobs.iterdir():
             if alg_dir.name not in ALGORITHMS or not alg_dir.is_dir():
-                _remove_path(alg_dir)
+                remove_path(alg_dir)
                 continue
             for sub in alg_dir.iterdir():
                 for path in sub.iterdir() if sub.is_dir() else [sub]:
@@ -415,7 +370,7 @@ class BlobStore:
                     except DigestError:
                         digest = None
                     if digest is None or path.parent.name != digest.hex[:2] or not path.is_file():
-                        _remove_path(path)
+                        remove_path(path)
                         continue
                     found[str(digest)] = path.stat().st_size
         return found
@@ -423,7 +378,7 @@ class BlobStore:
     def _adopt(self, digest: Digest, size: int) -> None:
         """A file renamed into place whose row was lost: keep it only if it still verifies."""
         path = self.path_of(digest)
-        if not _hash_file(path, digest):
+        if not hash_file(path, digest):
             logger.warning("cache: dropping %s, its content does not match", digest)
             path.unlink()
             return
@@ -431,38 +386,3 @@ class BlobStore:
         self._index.insert(str(digest), size, None, mtime)
         self._count += 1
         self._bytes += size
-
-
-def _hash_file(path: Path, digest: Digest) -> bool:
-    h = digest.hasher()
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return digest.matches(h.hexdigest())
-
-
-def _remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry is what a crash would otherwise lose."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lock_dir(path: Path) -> BinaryIO:
-    """Take the store's directory lock: a second owner would delete our temp files at open."""
-    f = path.open("ab")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise StoreLocked(f"{path.parent} is in use by another cache store") from None
-    return f

@@ -247,7 +247,9 @@ async def test_flight_followers_pin_the_blob(tmp_path: Path) -> None:
         reader = flight.reader()
         await fetch(flight, data)
         other = os.urandom(5000)
-        await fetch(flights.claim(digest_of(other)), other)  # would evict `data` if it could
+        other_flight = flights.claim(digest_of(other))
+        assert other_flight is not None
+        await fetch(other_flight, other)  # would evict `data` if it could
         assert store.lookup(digest_of(data)) is not None
         assert await read_all(reader) == data
         assert store.usage().bytes == 10_000  # over the bound while pinned...

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> BlobStore:
+def store(tmp_path: Path, clock: Clock) -> Iterator[BlobStore]:
     s = BlobStore(tmp_path / "cache", 0, clock=clock)
     yield s
     s.close()
