@@ -124,6 +124,9 @@ class Index:
             (now, int(hit), key),
         )
 
+    def set_media_type(self, key: str, media_type: str) -> None:
+        self._db.execute("UPDATE blobs SET media_type = ? WHERE digest = ?", (media_type, key))
+
     def delete(self, key: str) -> None:
         with self._db:
             self._db.execute("BEGIN")

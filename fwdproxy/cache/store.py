@@ -63,6 +63,8 @@ class BlobStore:
     def __init__(
         self, root: Path, max_size: int | None, *, clock: Callable[[], float] = time.time
     ) -> None:
+        if max_size is not None and max_size < 0:
+            raise ValueError(f"negative max_size {max_size}")
         self.root = Path(root)
         self.max_size = max_size or None
         self._clock = clock
@@ -188,7 +190,12 @@ class BlobStore:
                 # Same bytes arrived twice (no flight coalesced them): keep the first copy.
                 writer.tmp_path.unlink()
                 self._index.touch(key, self._clock(), hit=False)
-                info = BlobInfo(digest, path, row[0], row[1])
+                media_type = row[1]
+                if media_type is None and writer.media_type is not None:
+                    # A copy adopted by recovery lost its media type; this fetch knows it.
+                    media_type = writer.media_type
+                    self._index.set_media_type(key, media_type)
+                info = BlobInfo(digest, path, row[0], media_type)
             else:
                 if row is not None:
                     self._forget(key, row[0])

@@ -253,6 +253,24 @@ def test_store_recovery_adopts_verified_orphans_and_drops_the_rest(tmp_path: Pat
         store.close()
 
 
+def test_store_refetch_restores_an_adopted_media_type(tmp_path: Path) -> None:
+    manifest = b'{"schemaVersion":2}'
+    path = tmp_path / "blobs" / "sha256" / digest_of(manifest).hex[:2] / digest_of(manifest).hex
+    path.parent.mkdir(parents=True)
+    path.write_bytes(manifest)
+    with BlobStore(tmp_path, 0) as store:
+        info = store.lookup(digest_of(manifest))
+        assert info is not None and info.media_type is None
+        put(store, manifest, MANIFEST)
+        info = store.lookup(digest_of(manifest))
+        assert info is not None and info.media_type == MANIFEST
+
+
+def test_store_rejects_a_negative_bound(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        BlobStore(tmp_path, -1)
+
+
 def test_store_second_owner_is_refused(tmp_path: Path) -> None:
     with BlobStore(tmp_path, 0), pytest.raises(StoreLocked):
         BlobStore(tmp_path, 0)
