@@ -111,7 +111,7 @@ class Flight:
         if self._writer is not None or self.done:
             raise CacheError(f"{self.digest}: flight already started or finished")
         writer = await self._begin(expected_size, media_type)
-        if self.done:  # failed while begin() ran in its thread
+        if self._error is not None:  # failed while begin() ran in its thread
             writer.abort()
             raise FlightFailed(f"{self.digest}: flight failed while starting") from self._error
         try:

@@ -16,6 +16,7 @@ under one lock, together with the rename or unlink it describes.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import tempfile
@@ -245,10 +246,6 @@ class BlobStore:
         with self._lock:
             return Usage(self._count, self._bytes)
 
-    def list(self) -> list[BlobRow]:
-        with self._lock:
-            return self._index.rows()
-
     def evict(self) -> list[Digest]:
         """Evict least recently used, unpinned blobs until the store fits `max_size`."""
         with self._lock:
@@ -393,3 +390,9 @@ class BlobStore:
         self._index.insert(str(digest), size, None, mtime)
         self._count += 1
         self._bytes += size
+
+    # Last in the class: below this name, `list` would mean the method to a type checker.
+    def list(self) -> builtins.list[BlobRow]:
+        """Every blob with its use and refs, most recently used first (for `cache ls`)."""
+        with self._lock:
+            return self._index.rows()

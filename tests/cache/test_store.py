@@ -69,6 +69,12 @@ def put(store: BlobStore, data: bytes, media_type: str = LAYER) -> Digest:
     return digest
 
 
+def opened(store: BlobStore, digest: Digest) -> BlobHandle:
+    handle = store.open_blob(digest)
+    assert handle is not None
+    return handle
+
+
 def files_in(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
@@ -182,7 +188,7 @@ def test_store_open_blob_reads_and_counts_a_hit(store: BlobStore, clock: Clock) 
     data = os.urandom(3000)
     digest = put(store, data)
     clock.tick(60)
-    with store.open_blob(digest) as handle:
+    with opened(store, digest) as handle:
         assert handle.file.read() == data
         assert handle.pread(10, 100) == data[100:110]
     (row,) = store.list()
@@ -292,7 +298,7 @@ def test_store_evicts_least_recently_used(tmp_path: Path, clock: Clock) -> None:
     with BlobStore(tmp_path, 3000, clock=clock) as store:
         a, b, c = make_full(store, clock, 3, 1000)
         clock.tick()
-        store.open_blob(a).close()  # a is now the most recently used
+        opened(store, a).close()  # a is now the most recently used
         clock.tick()
         d = put(store, b"d" * 1000)
         assert [store.lookup(x) is not None for x in (a, b, c, d)] == [True, False, True, True]
@@ -303,7 +309,7 @@ def test_store_never_evicts_a_pinned_blob(tmp_path: Path, clock: Clock) -> None:
     with BlobStore(tmp_path, 2000, clock=clock) as store:
         a, b = make_full(store, clock, 2, 1000)
         clock.tick()
-        with store.open_blob(a) as handle, store.pin(b):  # opening a makes b the LRU one
+        with opened(store, a) as handle, store.pin(b):  # opening a makes b the LRU one
             clock.tick()
             c = put(store, b"c" * 1000)  # nothing evictable but c itself
             assert store.lookup(a) is not None and store.lookup(b) is not None
@@ -318,7 +324,7 @@ def test_store_never_evicts_a_pinned_blob(tmp_path: Path, clock: Clock) -> None:
 def test_store_over_bound_while_pinned_shrinks_on_demand(tmp_path: Path, clock: Clock) -> None:
     with BlobStore(tmp_path, 1000, clock=clock) as store:
         a = put(store, b"a" * 1000)
-        with store.open_blob(a):
+        with opened(store, a):
             b = put(store, b"b" * 500)
             assert store.lookup(b) is None  # evicted right away: a was pinned
             with store.pin(digest_of(b"c" * 400)):
