@@ -1,8 +1,9 @@
 """The running proxy: listeners, live connections, reload and graceful shutdown.
 
-Sessions read `state.config` once when they start, so a reload (SIGHUP) swaps the config for
+Connections read `state.config` once when they start, so a reload (SIGHUP) swaps the config for
 new connections and never touches running tunnels. An invalid new config is rejected whole and
-the old one stays in force.
+the old one stays in force. On shutdown, connections that carry nothing yet (a handshake, a
+dial, a kept-alive forwarding connection between requests) close at once; tunnels drain.
 """
 
 from __future__ import annotations
@@ -12,74 +13,20 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fwdproxy.config import Config, Listener, load_config
-from fwdproxy.core.addr import ip_of, is_loopback
+from fwdproxy.core.addr import is_loopback
 from fwdproxy.core.errors import ConfigError
 from fwdproxy.net.upstreams import UpstreamPool
-from fwdproxy.proxy.session import ConnInfo, Session
+from fwdproxy.proxy.accesslog import ACCESS
+from fwdproxy.proxy.connection import ClientConnection
+from fwdproxy.proxy.state import ConnInfo, Observer, ServerState
+
+__all__ = ["ConnInfo", "Observer", "Server", "ServerState", "check_exposure", "serve"]
 
 logger = logging.getLogger("fwdproxy.server")
-
-
-class Observer:
-    """Hooks for metrics; every method is called on the hot path, so keep them cheap."""
-
-    def opened(self, info: ConnInfo) -> None: ...
-    def closed(self, info: ConnInfo) -> None: ...
-    def dialed(self, route: str, seconds: float) -> None: ...
-    def reloaded(self, ok: bool, digest: str) -> None: ...
-
-
-@dataclass
-class ServerState:
-    """What sessions see of the server. `config` is replaced atomically on reload."""
-
-    config: Config
-    pool: UpstreamPool
-    connections: dict[int, ConnInfo] = field(default_factory=dict)
-    observers: list[Observer] = field(default_factory=list)
-    own: set[tuple[str, int]] = field(default_factory=set)
-    started: float = field(default_factory=time.time)
-    recent_errors: list[dict[str, Any]] = field(default_factory=list)
-    accepting: bool = True
-
-    def opened(self, info: ConnInfo) -> None:
-        self.connections[info.id] = info
-        for o in self.observers:
-            o.opened(info)
-
-    def closed(self, info: ConnInfo) -> None:
-        self.connections.pop(info.id, None)
-        if info.outcome not in ("ok", "client", "target", "empty", "client-reset", "target-reset"):
-            self.recent_errors.append({"ts": time.time(), **info.as_dict(), "error": info.error})
-            del self.recent_errors[:-50]
-        for o in self.observers:
-            o.closed(info)
-
-    def dialed(self, route: str, seconds: float) -> None:
-        for o in self.observers:
-            o.dialed(route, seconds)
-
-    def is_own_address(self, host: str, port: int) -> bool:
-        if (host, port) in self.own:
-            return True
-        ip = ip_of(host)
-        if ip is None and host != "localhost":
-            return False
-        for h, p in self.own:
-            if p == port and (h in ("0.0.0.0", "::") or (is_loopback(host) and is_loopback(h))):
-                return True
-        return False
-
-    @property
-    def overloaded(self) -> bool:
-        return len(self.connections) > self.config.limits.max_connections
 
 
 def check_exposure(cfg: Config, allow_any_client: bool = False) -> list[str]:
@@ -135,7 +82,8 @@ class Server:
         self.state = ServerState(config, UpstreamPool(config))
         self._servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
         self._listeners: dict[tuple[str, int], Listener] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._drained = asyncio.Event()
+        self.state.on_empty = self._drained.set
         self._reload_source = reload_source or (lambda: load_config(config.path))
         self._stopped = asyncio.Event()
         self._sigint_count = 0
@@ -173,34 +121,28 @@ class Server:
         _notify("ready", f"listening on {addrs}")
 
     async def _bind(self, lst: Listener) -> None:
-        def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, lst: Listener = lst) -> None:
-            self._spawn(r, w, lst)
+        key = (lst.host, lst.port)
+        state, listeners = self.state, self._listeners
 
-        srv = await asyncio.start_server(
-            handler, lst.host, lst.port, limit=256 * 1024, backlog=1024, reuse_address=True
-        )
-        self._servers[(lst.host, lst.port)] = srv
-        self._listeners[(lst.host, lst.port)] = lst
+        def factory() -> ClientConnection:
+            # The listener as it is now: a reload may have replaced its allow-list.
+            return ClientConnection(state, listeners[key])
+
+        self._listeners[key] = lst
+        try:
+            srv = await asyncio.get_running_loop().create_server(
+                factory, lst.host, lst.port, backlog=1024, reuse_address=True
+            )
+        except OSError:
+            self._listeners.pop(key, None)
+            raise
+        self._servers[key] = srv
 
     def _refresh_own(self) -> None:
         own = set(self.addresses)
         if self.admin is not None:
             own.update(self.admin.addresses)
         self.state.own = own
-
-    def _spawn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, lst: Listener) -> None:
-        if not self.state.accepting:
-            w.close()
-            return
-        sock = w.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = Session(self.state, r, w, lst)
-        task = asyncio.get_running_loop().create_task(session.run())
-        session.info.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _start_admin(self) -> None:
         spec = self.state.config.admin
@@ -289,21 +231,30 @@ class Server:
         self.state.accepting = False
         for srv in self._servers.values():
             srv.close()
-        if self._tasks:
-            logger.info(
-                "shutting down: waiting up to %gs for %d connection(s)", grace, len(self._tasks)
-            )
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+        conns = self.state.connections
+        for info in [i for i in conns.values() if i.idle]:
+            if info.closer is not None:
+                info.closer()  # nothing in flight: no reason to hold the shutdown
+        if conns:
+            logger.info("shutting down: waiting up to %gs for %d tunnel(s)", grace, len(conns))
+            self._drained.clear()
+            if conns:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), grace)
+            for info in list(conns.values()):
+                if info.closer is not None:
+                    info.closer()
+            if conns:
+                self._drained.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), 5)
         await self.state.pool.stop()
         if self.admin is not None:
             await self.admin.stop()
         for srv in self._servers.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1)
+        ACCESS.flush()
         self._stopped.set()
 
     async def wait_closed(self) -> None:
@@ -311,9 +262,9 @@ class Server:
 
     def close_connection(self, conn_id: int) -> bool:
         info = self.state.connections.get(conn_id)
-        if info is None or info.task is None:
+        if info is None or info.closer is None:
             return False
-        info.task.cancel()
+        info.closer()
         return True
 
     def install_signal_handlers(self) -> None:

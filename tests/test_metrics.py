@@ -25,7 +25,7 @@ from fwdproxy import __version__
 from fwdproxy.admin.metrics import ByteLedger, ProxyMetrics, ThroughputSampler
 from fwdproxy.config import AdminSpec, Config, parse_config
 from fwdproxy.core.errors import ConfigError
-from fwdproxy.proxy.session import ConnInfo
+from fwdproxy.proxy.state import ConnInfo
 from fwdproxy.server import Server
 from fwdproxy.yamlsrc import load_yaml
 

@@ -1,7 +1,7 @@
-"""One contract suite for every relay implementation, on every event loop we support.
+"""One contract suite for the relay, in each of its modes, on every event loop we support.
 
-The streams relay (`fwdproxy.relay`) is the reference; the transport-level relay
-(`fwdproxy.relay_fast`) must behave the same: handshake leftovers first, every byte both ways,
+The transport-level relay (`fwdproxy.net.relay_fast`) with splice(2) after a threshold, from
+the first byte, and never, must behave the same: handshake leftovers first, every byte both ways,
 half-close in each direction, bounded buffering against a slow reader, a reset or an idle
 timeout closes both sides, cancellation closes both and re-raises.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from fwdproxy.net import relay as relay_streams
+from fwdproxy.net import relay as relay_types
 from fwdproxy.net import relay_fast
 from fwdproxy.net.relay import Counters, Endpoint, RelayResult
 
@@ -47,7 +47,6 @@ def _fast_with_splice_after(threshold: int | None) -> RelayFn:
 
 
 RELAYS: dict[str, RelayFn] = {
-    "streams": relay_streams.relay,
     "fast": relay_fast.relay,  # plain path, spliced after SPLICE_AFTER bytes (Linux)
     "fast-nosplice": _fast_with_splice_after(None),
 }
@@ -426,9 +425,9 @@ def test_ended_by_classifies_vanished_peers() -> None:
         BrokenPipeError(),
         ConnectionAbortedError(),
     ):
-        assert relay_streams.ended_by("client", e) == "client-reset"
-    assert relay_streams.ended_by("target", OSError(errno.EIO, "x")) == "target-error"
-    assert relay_streams.ended_by("target", RuntimeError("x")) == "target-error"
+        assert relay_types.ended_by("client", e) == "client-reset"
+    assert relay_types.ended_by("target", OSError(errno.EIO, "x")) == "target-error"
+    assert relay_types.ended_by("target", RuntimeError("x")) == "target-error"
 
 
 def test_relay_idle_timeout_closes_both(relay_fn: RelayFn, run: Any) -> None:

@@ -28,8 +28,7 @@ from python_socks import ProxyError, ProxyType
 from python_socks.async_.asyncio import Proxy
 from test_discover import start_resolving_socks
 
-from fwdproxy.proxy.session import ConnInfo
-from fwdproxy.server import Observer
+from fwdproxy.proxy.state import ConnInfo, Observer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from fwdproxy.config import AdminSpec
     from fwdproxy.server import Server
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fwdproxy.admin")
 
 OPEN_PATHS: Final = frozenset({"/", "/healthz", "/readyz", "/api/auth"})
 RECENT_ERRORS_SHOWN: Final = 20

@@ -28,19 +28,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fwdproxy import __version__
-from fwdproxy.server import Observer
+from fwdproxy.proxy.state import Observer
 
 if TYPE_CHECKING:
-    from fwdproxy.proxy.session import ConnInfo
-    from fwdproxy.server import ServerState
+    from fwdproxy.proxy.state import ConnInfo, ServerState
 
 ROUTE_NONE: Final = "none"  # connections that ended before a routing decision
 DIAL_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# Outcomes of connections whose tunnel was up (or that never asked for one): not handshake errors.
-RELAY_OUTCOMES: Final = frozenset(
-    {"ok", "client", "target", "idle", "error", "cancelled", "empty", "client-closed", "open"}
-)
-
 Key = tuple[str, str]  # (route, registry)
 
 
@@ -123,12 +117,14 @@ class ProxyMetrics(Observer):
     def closed(self, info: ConnInfo) -> None:
         route, registry = route_key(info)
         rule = info.decision.rule if info.decision else ""
-        self.connections.labels(info.protocol, route, rule, registry, info.outcome).inc()
+        outcome = info.outcome
+        self.connections.labels(info.protocol, route, rule, registry, outcome.value).inc()
         self.ledger.close(info)
         self.closed_total += 1
-        if info.outcome not in RELAY_OUTCOMES:
-            self.handshake_errors.labels(info.outcome).inc()
+        if outcome.is_error:
             self.errors_total += 1
+            if outcome.before_tunnel:  # not resets, relay errors or closes by the server
+                self.handshake_errors.labels(outcome.value).inc()
 
     def dialed(self, route: str, seconds: float) -> None:
         self.dial_seconds.labels(route).observe(seconds)

@@ -656,7 +656,8 @@ async def discover(
     import aiohttp
 
     from fwdproxy.config import Listener
-    from fwdproxy.server import Observer, Server
+    from fwdproxy.proxy.state import Observer
+    from fwdproxy.server import Server
 
     local = dataclasses.replace(
         cfg, listeners=(Listener("127.0.0.1", 0),), admin=None, users={}, allow_any_client=False

@@ -14,12 +14,16 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import aiohappyeyeballs
+
 from fwdproxy.config import UpstreamSpec
+from fwdproxy.core.addr import ip_of
 from fwdproxy.core.errors import DialError, DialTimeout, Socks5Reply
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 HAPPY_EYEBALLS_DELAY_S = 0.25
 STREAM_LIMIT = 256 * 1024
+EARLY_LIMIT = 256 * 1024  # bytes a target may send before the relay starts, then we pause it
 
 _ERRNO_REPLY = {
     errno.ECONNREFUSED: (Socks5Reply.CONNECTION_REFUSED, "refused"),
@@ -29,13 +33,83 @@ _ERRNO_REPLY = {
 }
 
 
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
+def set_nodelay(sock: socket.socket | None) -> None:
+    """TCP_NODELAY on a TCP socket: handshakes and small writes must not wait for Nagle."""
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+
+class Inbound(asyncio.Protocol):
+    """A dialled target's protocol until a relay takes its transport over.
+
+    Keeps what the target sends early (servers that speak first: SSH, SMTP banners), its EOF
+    and its error, so nothing is lost between the dial and the relay; reading pauses once
+    EARLY_LIMIT bytes are held.
+    """
+
+    __slots__ = ("data", "eof", "error", "lost", "transport")
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.data = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self.lost = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= EARLY_LIMIT:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # keep our side open: the client may still send
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
+
+
+class Dialed:
+    """An open connection to a target: its transport and what arrived before anyone read it."""
+
+    __slots__ = ("inbound", "transport")
+
+    def __init__(self, transport: Any, inbound: Inbound) -> None:
+        self.transport = transport
+        self.inbound = inbound
+
+    def sockname(self) -> tuple[str, int] | None:
+        name = self.transport.get_extra_info("sockname")
+        return (str(name[0]), int(name[1])) if name else None
+
+    def close(self) -> None:
+        self.transport.abort()
+
+    def streams(self) -> Streams:
+        """The same connection as asyncio streams (plain HTTP forwarding works on streams)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        proto = asyncio.StreamReaderProtocol(reader, loop=loop)
+        t = self.transport
+        t.set_protocol(proto)
+        proto.connection_made(t)
+        ib = self.inbound
+        if ib.data:
+            reader.feed_data(bytes(ib.data))
+        if ib.error is not None:
+            reader.set_exception(ib.error)
+        elif ib.eof or ib.lost:
+            reader.feed_eof()
+        if not ib.lost:
+            t.resume_reading()
+        return reader, asyncio.StreamWriter(t, proto, reader, loop)
 
 
 def classify_os_error(e: OSError) -> tuple[Socks5Reply, str]:
@@ -54,19 +128,18 @@ def classify_os_error(e: OSError) -> tuple[Socks5Reply, str]:
     return Socks5Reply.GENERAL_FAILURE, "error"
 
 
-async def open_direct(
+async def dial_direct(
     host: str, port: int, *, timeout_s: float, hosts: Mapping[str, str] | None = None
-) -> Streams:
-    """Connect straight to host:port (a `hosts:` override wins over DNS)."""
+) -> Dialed:
+    """Connect straight to host:port (a `hosts:` override wins over DNS).
+
+    Happy Eyeballs (RFC 8305) on every event loop: names with several addresses are raced
+    with aiohappyeyeballs; an IP literal is one plain connect.
+    """
     addr = (hosts or {}).get(host, host)
-    kwargs: dict[str, Any] = {"limit": STREAM_LIMIT}
-    if isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
-        # Happy Eyeballs (RFC 8305) on the stdlib loop; uvloop tries addresses in order.
-        kwargs.update(happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, interleave=1)
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(addr, port, **kwargs), timeout_s
-        )
+        transport, inbound = await asyncio.wait_for(_connect(loop, addr, port), timeout_s)
     except asyncio.TimeoutError:
         raise DialTimeout(
             f"connecting to {host}:{port} timed out after {timeout_s:g}s", hop="direct"
@@ -82,8 +155,20 @@ async def open_direct(
             socks_reply=reply,
             kind=kind,
         ) from None
-    _set_nodelay(writer)
-    return reader, writer
+    set_nodelay(transport.get_extra_info("socket"))
+    return Dialed(transport, inbound)
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, addr: str, port: int) -> tuple[Any, Inbound]:
+    if ip_of(addr) is not None:
+        return await loop.create_connection(Inbound, addr, port)
+    infos = await loop.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise socket.gaierror(socket.EAI_NONAME, f"no addresses for {addr}")
+    sock = await aiohappyeyeballs.start_connection(
+        infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, interleave=1
+    )
+    return await loop.create_connection(Inbound, sock=sock)
 
 
 def _reason(e: OSError, kind: str) -> str:
@@ -151,7 +236,7 @@ def _upstream_error(spec: UpstreamSpec, host: str, port: int, e: Exception) -> D
     return DialError(f"{where} failed: {e}", hop=hop, status=502, kind="upstream_error")
 
 
-async def open_via(spec: UpstreamSpec, host: str, port: int, *, timeout_s: float) -> Streams:
+async def dial_via(spec: UpstreamSpec, host: str, port: int, *, timeout_s: float) -> Dialed:
     """Tunnel to host:port through one upstream proxy; the host name is sent unresolved."""
     from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError
 
@@ -166,15 +251,15 @@ async def open_via(spec: UpstreamSpec, host: str, port: int, *, timeout_s: float
                 hop=spec.name,
             ) from None
         raise _upstream_error(spec, host, port, e) from None
+    set_nodelay(sock)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
-    try:
-        return await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+        transport, inbound = await asyncio.get_running_loop().create_connection(
+            Inbound, sock=sock
+        )
     except OSError as e:
         sock.close()
         raise _upstream_error(spec, host, port, e) from None
+    return Dialed(transport, inbound)
 
 
 class Deadline:

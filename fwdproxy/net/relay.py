@@ -1,24 +1,15 @@
-"""The byte relay between client and target: every byte both ways, bounded buffers, half-close.
+"""What a relay reports: the byte counters, the result, and how a side's end is classified.
 
-This is the one module that moves tunnel bytes, behind one call, `relay(a, b, ...)`, so that a
-faster implementation can replace it without touching the session code. Flow control comes from
-`drain()`: a slow reader stops us reading from the fast side. EOF from one side becomes
-`write_eof()` on the other while the opposite direction keeps flowing. Idle time is measured
-across both directions with one watchdog rather than a timeout per read.
+The relay itself (`fwdproxy.net.relay_fast`) moves bytes between two transports; these types are
+what the connection code, the admin API and the metrics read from it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-CHUNK = 256 * 1024
-
-_CLOSE_ERRORS = (ConnectionError, OSError, RuntimeError)
 
 # How a peer that has gone away shows up on the socket that still talks to it. Go, Java and
 # Node TLS clients close without close_notify, so the origin's close_notify meets one of these
@@ -71,91 +62,3 @@ class RelayResult:
     # side vanished), "client-error"/"target-error", "idle", "error", "cancelled"
     closed_by: str
     error: str | None = None
-
-
-async def _pump(
-    src: asyncio.StreamReader,
-    dst: asyncio.StreamWriter,
-    prefetched: bytes,
-    count: Callable[[int], None],
-) -> None:
-    if prefetched:
-        dst.write(prefetched)
-        count(len(prefetched))
-        await dst.drain()
-    while True:
-        data = await src.read(CHUNK)
-        if not data:
-            break
-        dst.write(data)
-        count(len(data))
-        await dst.drain()
-    if dst.can_write_eof():
-        with contextlib.suppress(*_CLOSE_ERRORS):
-            dst.write_eof()
-    else:
-        dst.close()
-
-
-def _close(w: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(*_CLOSE_ERRORS):
-        w.close()
-
-
-async def relay(
-    client: Endpoint,
-    target: Endpoint,
-    *,
-    idle_timeout_s: float,
-    counters: Counters | None = None,
-) -> RelayResult:
-    """Relay until both directions ended, one side failed, or nothing moved for idle_timeout_s."""
-    c = counters if counters is not None else Counters()
-
-    def up(n: int) -> None:
-        c.up += n
-        c.last_activity = time.monotonic()
-
-    def down(n: int) -> None:
-        c.down += n
-        c.last_activity = time.monotonic()
-
-    loop = asyncio.get_running_loop()
-    t_up = loop.create_task(_pump(client.reader, target.writer, client.prefetched, up))
-    t_down = loop.create_task(_pump(target.reader, client.writer, target.prefetched, down))
-    pending: set[asyncio.Task[None]] = {t_up, t_down}
-    closed_by = ""
-    error: str | None = None
-    try:
-        while pending:
-            wait = max(0.05, c.last_activity + idle_timeout_s - time.monotonic())
-            done, pending = await asyncio.wait(
-                pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-            )
-            for t in done:
-                exc = t.exception()
-                if exc is not None:
-                    # A pump fails on its write side as often as on its read side; the errno
-                    # says which peer vanished only in the read case, so name the pump's source.
-                    error = describe(exc)
-                    closed_by = ended_by("client" if t is t_up else "target", exc)
-                    pending.clear()
-                    break
-                if not closed_by:
-                    closed_by = "client" if t is t_up else "target"
-            if pending and time.monotonic() - c.last_activity >= idle_timeout_s:
-                closed_by, error = "idle", f"no data for {idle_timeout_s:g}s"
-                break
-    except asyncio.CancelledError:
-        closed_by = "cancelled"
-        raise
-    finally:
-        for t in (t_up, t_down):
-            if not t.done():
-                t.cancel()
-        for t in (t_up, t_down):
-            with contextlib.suppress(asyncio.CancelledError, *_CLOSE_ERRORS):
-                await t
-        _close(client.writer)
-        _close(target.writer)
-    return RelayResult(c.up, c.down, closed_by or "client", error)

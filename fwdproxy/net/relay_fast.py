@@ -64,18 +64,18 @@ class _IdleSweeper:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.tunnels: set[_Tunnel] = set()
+        self.tunnels: set[Tunnel] = set()
         self.period_s = 1.0
         self.handle: asyncio.TimerHandle | None = None
 
-    def add(self, tunnel: _Tunnel) -> None:
+    def add(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
         period = min(1.0, tunnel.idle_s / 4)
         if self.handle is None or period < self.period_s:
             self.period_s = period
             self.schedule()
 
-    def discard(self, tunnel: _Tunnel) -> None:
+    def discard(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
         if not self.tunnels and self.handle is not None:
             self.handle.cancel()
@@ -113,7 +113,7 @@ def _sweeper(loop: asyncio.AbstractEventLoop) -> _IdleSweeper:
     return sw
 
 
-class _Tunnel:
+class Tunnel:
     """State shared by both sides: counters, the idle deadline and the outcome."""
 
     __slots__ = (
@@ -183,7 +183,7 @@ class _Side(asyncio.Protocol):
         "up",
     )
 
-    def __init__(self, tunnel: _Tunnel, name: str, up: bool) -> None:
+    def __init__(self, tunnel: Tunnel, name: str, up: bool) -> None:
         self.tunnel = tunnel
         self.name = name  # "client" or "target": who closed, in RelayResult.closed_by
         self.up = up  # True: bytes from this side count as client -> target
@@ -477,7 +477,7 @@ def start_relay(
     idle_timeout_s: float,
     counters: Counters | None = None,
     on_done: Callable[[RelayResult], None],
-) -> None:
+) -> Tunnel:
     """Relay between two transports without a task or coroutine; `on_done` is called once.
 
     For a protocol-level accept path: the session hands over its two transports and the bytes
@@ -487,7 +487,7 @@ def start_relay(
     """
     c = counters if counters is not None else Counters()
     c.last_activity = time.monotonic()
-    tunnel = _Tunnel(asyncio.get_running_loop(), c, idle_timeout_s, on_done)
+    tunnel = Tunnel(asyncio.get_running_loop(), c, idle_timeout_s, on_done)
     a = _Side(tunnel, "client", up=True)
     b = _Side(tunnel, "target", up=False)
     a.peer, b.peer = b, a
@@ -500,7 +500,7 @@ def start_relay(
             left.error = ConnectionResetError("connection closed before the relay started")
         if left.error is not None:
             tunnel.finish(ended_by(side.name, left.error), describe(left.error))
-            return
+            return tunnel
     for side, left in zip((a, b), lefts, strict=True):
         if left.data:
             side.forward(left.data)
@@ -516,6 +516,7 @@ def start_relay(
             side.transport.resume_reading()  # the StreamReader may have paused it
     if not tunnel.finished:
         _sweeper(tunnel.loop).add(tunnel)
+    return tunnel
 
 
 def _leftover(ep: Endpoint) -> Leftover:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from fwdproxy.config import Config, UpstreamGroup, UpstreamSpec
 from fwdproxy.core.errors import DialError, DialTimeout
-from fwdproxy.net.dial import Deadline, Streams, open_via
+from fwdproxy.net.dial import Deadline, Dialed, dial_via
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fwdproxy.upstreams")
 
-Dialer = Callable[[UpstreamSpec, str, int, float], Awaitable[Streams]]
+Dialer = Callable[[UpstreamSpec, str, int, float], Awaitable[Dialed]]
 
 
 @dataclass
@@ -74,7 +74,7 @@ class UpstreamPool:
         on_change: Callable[[str, MemberState], None] | None = None,
     ) -> None:
         self._dial: Dialer = dialer or (
-            lambda spec, host, port, t: open_via(spec, host, port, timeout_s=t)
+            lambda spec, host, port, t: dial_via(spec, host, port, timeout_s=t)
         )
         self.groups: dict[str, GroupState] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -94,7 +94,7 @@ class UpstreamPool:
             self.groups[name] = st
         self._probe_targets = _probe_targets(config)
 
-    async def open(self, name: str, host: str, port: int, deadline: Deadline) -> Streams:
+    async def open(self, name: str, host: str, port: int, deadline: Deadline) -> Dialed:
         """Tunnel to host:port through group `name`, failing over between members."""
         st = self.groups[name]
         errors: list[DialError] = []
@@ -106,7 +106,7 @@ class UpstreamPool:
             # Share the client's deadline so a blackholed member cannot eat all of it.
             budget = left / (len(order) - k)
             try:
-                streams = await self._dial(member.spec, host, port, budget)
+                dialed = await self._dial(member.spec, host, port, budget)
             except DialError as e:
                 errors.append(e)
                 if e.kind in ("upstream_down", "upstream_error") or (
@@ -118,7 +118,7 @@ class UpstreamPool:
             if k:
                 st.failovers += 1
                 logger.warning("upstream %s: failed over to %s", name, member.spec.url)
-            return streams
+            return dialed
         if errors:
             last = errors[-1]
             if len(errors) > 1:
@@ -202,12 +202,12 @@ class UpstreamPool:
     async def _probe(self, name: str, m: MemberState, host: str, port: int, t: float) -> None:
         start = time.monotonic()
         try:
-            _, writer = await self._dial(m.spec, host, port, t)
+            dialed = await self._dial(m.spec, host, port, t)
         except DialError as e:
             m.last_check = time.time()
             self._mark(name, m, False, str(e))
             return
-        writer.close()
+        dialed.close()
         m.last_check = time.time()
         m.last_latency_s = time.monotonic() - start
         self._mark(name, m, True)

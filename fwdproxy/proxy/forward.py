@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import h11
 
@@ -24,13 +24,34 @@ from fwdproxy.core.errors import (
     http_error_response,
     http_status,
 )
+from fwdproxy.core.outcome import Outcome, outcome_of
 from fwdproxy.proto.http1 import absolute_target, framing_problem, strip_hop_by_hop
-from fwdproxy.proxy.session import outcome_of
 
 if TYPE_CHECKING:
-    from fwdproxy.proxy.session import Session
+    from fwdproxy.config import Config
+    from fwdproxy.net.dial import Streams
+    from fwdproxy.proxy.state import ConnInfo
+    from fwdproxy.routing.rules import Decision
 
 CHUNK = 64 * 1024
+
+
+class Context(Protocol):
+    """What the forwarder needs of its client connection (fwdproxy.proxy.connection)."""
+
+    config: Config
+    info: ConnInfo
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def admit(self, proxy_authorization: bytes | None) -> None:
+        """Allow-list, then Basic auth; raise Rejected (403/407)."""
+
+    def decide(self, host: str, port: int) -> Decision:
+        """Admission checks and the rules; raise Rejected/Overloaded."""
+
+    async def dial(self, d: Decision, host: str, port: int) -> Streams:
+        """Open the origin connection `d` says; raise DialError."""
 
 
 class _Origin:
@@ -56,7 +77,7 @@ class _Origin:
 
 
 class _Forwarder:
-    def __init__(self, session: Session, first: bytes) -> None:
+    def __init__(self, session: Context, first: bytes) -> None:
         self.s = session
         self.client = h11.Connection(
             h11.SERVER, max_incomplete_event_size=session.config.limits.max_head_bytes
@@ -78,9 +99,13 @@ class _Forwarder:
             if ev is not h11.NEED_DATA:
                 if isinstance(ev, h11.Request):
                     self.head_deadline = None
+                    self.s.info.idle = False
                 return ev
             timeout = self.idle_s
-            if self.client.their_state is h11.IDLE and self.client.trailing_data[0]:
+            between = self.client.their_state is h11.IDLE
+            # Between requests with nothing in flight: shutdown may close this connection at once.
+            self.s.info.idle = between and not self.client.trailing_data[0]
+            if between and self.client.trailing_data[0]:
                 # Part of the next request head is here: a keep-alive connection may idle
                 # between requests, but a head that drips in is bounded as a handshake is.
                 now = time.monotonic()
@@ -178,7 +203,7 @@ class _Forwarder:
     async def _one(self, req: h11.Request) -> None:
         s = self.s
         try:
-            s.http_admit(dict(req.headers).get(b"proxy-authorization"))  # h11 lower-cases names
+            s.admit(dict(req.headers).get(b"proxy-authorization"))  # h11 lower-cases names
             target = absolute_target(req.target.decode("ascii", "replace"))
         except (Rejected, ProtocolError) as e:
             extra = (
@@ -199,7 +224,7 @@ class _Forwarder:
         except FwdProxyError as e:
             await self._error(http_status(e), str(e))
             await self._discard_body()
-            s._finish(outcome_of(e), str(e))
+            s.info.finish(outcome_of(e), str(e))
             return
         await self._exchange(req, origin, target)
 
@@ -302,10 +327,10 @@ class _Forwarder:
                 return
 
 
-async def forward_http(session: Session, first: bytes) -> None:
+async def forward_http(session: Context, first: bytes) -> None:
     """Serve absolute-form HTTP requests on this connection until it closes."""
     fw = _Forwarder(session, first)
     await fw.run()
     if fw.challenged is not None and not fw.admitted:
-        session._finish("auth-failed", str(fw.challenged))
-    session._finish("ok")
+        session.info.finish(Outcome.AUTH_FAILED, str(fw.challenged))
+    session.info.finish(Outcome.OK)

@@ -33,14 +33,14 @@ SIZE = 64 * MiB
 ROUTES = pytest.mark.parametrize("name", [DIRECT_NAME, TUNNEL_NAME], ids=["direct", "tunnel"])
 
 
-@pytest.fixture(params=["default", "streams"], ids=["relay-default", "relay-streams"])
+@pytest.fixture(params=["default", "nosplice"], ids=["relay-default", "relay-nosplice"])
 def relay_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each integrity test runs with the default relay and with the reference streams relay."""
-    if request.param == "streams":
-        from fwdproxy.net import relay
-        from fwdproxy.proxy import session
+    """Each integrity test runs with the relay as shipped (splice(2) for bulk on Linux) and
+    with its recv/send path only."""
+    if request.param == "nosplice":
+        from fwdproxy.net import relay_fast
 
-        monkeypatch.setattr(session, "RELAY", relay.relay)
+        monkeypatch.setattr(relay_fast, "SPLICE_AFTER", None)
     return str(request.param)
 
 
