@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fwdproxy.config import Config, Listener, load_config
 from fwdproxy.core.addr import is_loopback
@@ -24,7 +24,17 @@ from fwdproxy.proxy.accesslog import ACCESS
 from fwdproxy.proxy.connection import ClientConnection
 from fwdproxy.proxy.state import ConnInfo, Observer, ServerState
 
-__all__ = ["ConnInfo", "Observer", "Server", "ServerState", "check_exposure", "serve"]
+__all__ = ["ConnInfo", "Observer", "Server", "ServerState", "Service", "check_exposure", "serve"]
+
+
+class Service(Protocol):
+    """A listener beside the proxy's own (the admin API): started and stopped with it."""
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]: ...
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
 
 logger = logging.getLogger("fwdproxy.server")
 
@@ -77,8 +87,12 @@ class Server:
         *,
         allow_any_client: bool = False,
         reload_source: Callable[[], Config] | None = None,
+        admin_factory: Callable[[Server, Any], Service] | None = None,
     ) -> None:
         self.allow_any_client = allow_any_client
+        # The admin listener lives in a higher layer (fwdproxy.admin); whoever builds the
+        # server passes it in (the CLI's serve passes AdminServer).
+        self.admin_factory = admin_factory
         self.state = ServerState(config, UpstreamPool(config))
         self._servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
         self._listeners: dict[tuple[str, int], Listener] = {}
@@ -87,7 +101,7 @@ class Server:
         self._reload_source = reload_source or (lambda: load_config(config.path))
         self._stopped = asyncio.Event()
         self._sigint_count = 0
-        self.admin: Any = None
+        self.admin: Service | None = None
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -146,14 +160,9 @@ class Server:
 
     async def _start_admin(self) -> None:
         spec = self.state.config.admin
-        if spec is None:
+        if spec is None or self.admin_factory is None:
             return
-        try:
-            from fwdproxy.admin.app import AdminServer
-        except ImportError:
-            logger.warning("admin: not available in this build")
-            return
-        self.admin = AdminServer(self, spec)
+        self.admin = self.admin_factory(self, spec)
         await self.admin.start()
 
     # -- reload --------------------------------------------------------------------------------
@@ -219,6 +228,7 @@ class Server:
         self._refresh_own()
         if cfg.log_level:
             logging.getLogger().setLevel(cfg.log_level.upper())
+            ACCESS.set_level(cfg.log_level)
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -287,9 +297,15 @@ async def serve(
     allow_any_client: bool = False,
     pid_file: str | None = None,
     reload_source: Callable[[], Config] | None = None,
+    admin_factory: Callable[[Server, Any], Service] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; the `fwdproxy serve` main loop."""
-    server = Server(config, allow_any_client=allow_any_client, reload_source=reload_source)
+    server = Server(
+        config,
+        allow_any_client=allow_any_client,
+        reload_source=reload_source,
+        admin_factory=admin_factory,
+    )
     await server.start()
     server.install_signal_handlers()
     if pid_file:

@@ -29,6 +29,7 @@ from test_metrics import (
     target_server,
 )
 
+from fwdproxy.admin.app import AdminServer
 from fwdproxy.config import Config, Listener, parse_config
 from fwdproxy.core.errors import ConfigError
 from fwdproxy.server import Server
@@ -450,7 +451,7 @@ async def test_admin_busy_port_fails_server_start(socks_port: int) -> None:
         _, port = first.admin.addresses[0]
         cfg = make_config(socks_port)
         cfg = dataclasses.replace(cfg, admin=dataclasses.replace(cfg.admin, port=port))
-        second = Server(cfg)
+        second = Server(cfg, admin_factory=AdminServer)
         with pytest.raises(OSError):
             await second.start()
         await second.stop(grace_s=0)

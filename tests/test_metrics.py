@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fwdproxy import __version__
+from fwdproxy.admin.app import AdminServer
 from fwdproxy.admin.metrics import ByteLedger, ProxyMetrics, ThroughputSampler
 from fwdproxy.config import AdminSpec, Config, parse_config
 from fwdproxy.core.errors import ConfigError
@@ -133,6 +134,7 @@ async def poll(check: Callable[[], Any], what: str, deadline_s: float = DEADLINE
 
 @contextlib.asynccontextmanager
 async def running(cfg: Config, **kw: Any) -> AsyncIterator[Server]:
+    kw.setdefault("admin_factory", AdminServer)  # as `fwdproxy serve` wires it
     server = Server(cfg, **kw)
     await server.start()
     try:

@@ -290,7 +290,7 @@ def _authority(text: str, default_port: int) -> tuple[str, int]:
 
 async def route(request: web.Request) -> web.Response:
     """Dry run: where would a connection to host:port go, by which rule."""
-    from fwdproxy.cli.main import route_json
+    from fwdproxy.routing.query import route_json
 
     cfg = request.app[ADMIN].state.config
     host_text = request.query.get("host", "").strip()

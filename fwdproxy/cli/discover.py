@@ -521,7 +521,8 @@ def pick_platform(manifests: list[Any]) -> str | None:
     entries = [m for m in manifests if isinstance(m, dict) and isinstance(m.get("digest"), str)]
 
     def platform(m: dict[str, Any]) -> tuple[str, str]:
-        p = m.get("platform") if isinstance(m.get("platform"), dict) else {}
+        raw = m.get("platform")
+        p: dict[str, Any] = raw if isinstance(raw, dict) else {}
         return str(p.get("os", "")), str(p.get("architecture", ""))
 
     for want in (lambda p: p == ("linux", "amd64"), lambda p: p[0] not in ("", "unknown")):
@@ -799,18 +800,18 @@ examples:
 
 def register(subparsers: Any) -> None:
     """Add `discover` to the fwdproxy command line."""
-    from fwdproxy.cli.main import _add_config_arg, _formatter
+    from fwdproxy.cli.main import add_config_arg, formatter
 
     p = subparsers.add_parser(
         "discover",
         help="live pull check: every host a registry sends you to, and its route",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Pull-check registries through the configured tunnel and report every "
         "host met (API, token realm, redirects) with its route; suggest rules for hosts that "
         "would leave another way than the API host.",
         epilog=EPILOG,
     )
-    _add_config_arg(p)
+    add_config_arg(p)
     p.add_argument(
         "registries",
         nargs="*",

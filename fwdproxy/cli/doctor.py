@@ -173,11 +173,11 @@ def parse_env_file(text: str) -> dict[str, str]:
 
 def podman_engine_env(text: str) -> list[str] | None:
     """[engine] env of a containers.conf; None when the file does not set it."""
-    try:
-        import tomllib as toml  # Python >= 3.11
-    except ImportError:  # pragma: no cover - Python 3.10
+    if sys.version_info >= (3, 11):
+        import tomllib as toml
+    else:  # pragma: no cover - Python 3.10
         try:
-            import tomli as toml  # type: ignore[no-redef]
+            import tomli as toml
         except ImportError:
             return _podman_env_fallback(text)
     try:

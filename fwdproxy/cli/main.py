@@ -28,11 +28,11 @@ Docs: README.md (Quick start, Configuration, Production).
 """
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
+def formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
-def _add_config_arg(p: argparse.ArgumentParser) -> None:
+def add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-c",
         "--config",
@@ -86,8 +86,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: --admin: {e}", file=sys.stderr)
             return 2
-    setup_logging(args.log_level or cfg.log_level, args.log_format or cfg.log_format)
+    level, fmt = args.log_level or cfg.log_level, args.log_format or cfg.log_format
+    setup_logging(level, fmt)
+    from fwdproxy.proxy.accesslog import ACCESS
+
+    ACCESS.direct(sys.stderr, fmt, level)  # buffered, not one logging record per connection
     _warn_config(cfg)
+    from fwdproxy.admin.app import AdminServer
     from fwdproxy.config import load_config
     from fwdproxy.server import serve
 
@@ -102,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 allow_any_client=args.allow_any_client,
                 pid_file=args.pid_file,
                 reload_source=reload_source,
+                admin_factory=AdminServer,
             )
         )
     except ConfigError as e:
@@ -182,6 +188,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     import json
 
     from fwdproxy.core.addr import AddressError, format_host_port, split_host_port
+    from fwdproxy.routing.query import route_json
 
     cfg = _load_or_report(args)
     if cfg is None:
@@ -246,25 +253,6 @@ def _health_line(health: dict[str, Any] | None, name: str) -> str:
         f"{m.get('url')} {'up' if m.get('healthy') else 'DOWN'}" for m in group.get("members", [])
     )
     return f"{'ok' if group.get('healthy') else 'ALL MEMBERS DOWN'}: {members}"
-
-
-def route_json(cfg: Any, host: str, port: int, d: Any) -> dict[str, Any]:
-    """The dry-run decision as JSON (shared by `route --json` and the admin API)."""
-    out: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "action": d.action,
-        "route": d.route,
-        "upstream": d.upstream,
-        "rule": d.rule,
-        "line": d.line,
-        "matched": d.matched,
-        "registry": d.registry,
-        "role": d.role,
-    }
-    if d.action == "via" and d.upstream in cfg.upstreams:
-        out["members"] = [m.url for m in cfg.upstreams[d.upstream].members]
-    return out
 
 
 def _strip_url(target: str) -> str:
@@ -364,7 +352,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "upstream tunnel, everything else direct. One port speaks HTTP CONNECT, plain HTTP "
         "and SOCKS5/SOCKS4.",
         epilog=EPILOG_MAIN,
-        formatter_class=_formatter,
+        formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"fwdproxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -372,7 +360,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="run the proxy",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Run the proxy in the foreground (logs to stderr; SIGHUP reloads the "
         "rules, SIGTERM drains and exits).",
         epilog="""examples:
@@ -382,7 +370,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
   FWDPROXY_UPSTREAM=http://10.0.0.5:8080 fwdproxy serve
 """,
     )
-    _add_config_arg(p)
+    add_config_arg(p)
     p.add_argument(
         "--listen",
         action="append",
@@ -413,25 +401,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--loop",
         choices=["auto", "asyncio", "uvloop"],
         default="auto",
-        help="event loop (auto: uvloop when installed)",
+        help="event loop (auto: uvloop where installed, as it is by default; asyncio: stdlib)",
     )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "check",
         help="validate a config file",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Validate the config: every problem is printed with file:line; exit 1 if any.",
         epilog="examples:\n  fwdproxy check\n  fwdproxy check -c /etc/fwdproxy/rules.yaml\n",
     )
-    _add_config_arg(p)
+    add_config_arg(p)
     p.add_argument("--upstream", metavar="[NAME=]URL", help="as for serve")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
         "route",
         help="dry run: which rule routes HOST, and where",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Print the routing decision for each target without connecting anywhere.",
         epilog="""examples:
   fwdproxy route registry-1.docker.io
@@ -439,7 +427,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
   fwdproxy route https://ghcr.io/v2/ --json
 """,
     )
-    _add_config_arg(p)
+    add_config_arg(p)
     p.add_argument("targets", nargs="+", metavar="HOST[:PORT]")
     p.add_argument("-p", "--port", type=int, default=443, help="port when none is given (443)")
     p.add_argument("--upstream", metavar="[NAME=]URL", help="as for serve")
@@ -449,7 +437,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain",
         help="every host a pull of IMAGE touches, and its route",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Normalise an image reference like docker/containerd do and list the API, "
         "token and blob hosts its pull touches, with the rule and route of each. Offline. "
         "Exit 1 when the pull would be split (API tunnelled, some other host not).",
@@ -459,7 +447,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
   fwdproxy explain registry.k8s.io/pause:3.10 localhost:5000/x --json
 """,
     )
-    _add_config_arg(p)
+    add_config_arg(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--upstream", metavar="[NAME=]URL", help="as for serve")
     p.add_argument("--json", action="store_true")
@@ -468,7 +456,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reload",
         help="ask a running proxy to reload its config",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Signal the running proxy (SIGHUP via its pid file) or call its admin API. "
         "An invalid config is rejected and the old one stays in force.",
         epilog="examples:\n  fwdproxy reload --pid-file /run/fwdproxy.pid\n"

@@ -84,10 +84,7 @@ class Outcome(str, enum.Enum):
     @classmethod
     def of_dial(cls, kind: str) -> Outcome:
         """The outcome of a failed dial of `kind` (DialError.kind)."""
-        try:
-            return cls(f"dial-{kind}")
-        except ValueError:
-            return cls.DIAL_ERROR
+        return _BY_VALUE.get(f"dial-{kind}", cls.DIAL_ERROR)
 
     @classmethod
     def of_relay(cls, closed_by: str, error: str | None) -> Outcome:
@@ -96,10 +93,10 @@ class Outcome(str, enum.Enum):
             return cls.OK
         if closed_by == "idle":
             return cls.IDLE_TIMEOUT
-        try:
-            return cls(closed_by)
-        except ValueError:
-            return cls.RELAY_ERROR
+        return _BY_VALUE.get(closed_by, cls.RELAY_ERROR)
+
+
+_BY_VALUE: dict[str, Outcome] = {o.value: o for o in Outcome}
 
 
 def outcome_of(e: FwdProxyError) -> Outcome:

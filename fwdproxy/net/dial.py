@@ -56,7 +56,7 @@ class Inbound(asyncio.Protocol):
         self.transport: Any = None
         self.data = bytearray()
         self.eof = False
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.lost = False
 
     def connection_made(self, transport: Any) -> None:

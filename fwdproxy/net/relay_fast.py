@@ -525,7 +525,7 @@ def _leftover(ep: Endpoint) -> Leftover:
     Nothing awaits between the takeover of both sides, so no callback can run in between and
     no byte can land in the old StreamReader after its buffer was taken.
     """
-    reader = ep.reader
+    reader: Any = ep.reader  # the StreamReader's buffer: nothing public hands it over
     data = ep.prefetched + bytes(reader._buffer) if reader._buffer else ep.prefetched
     reader._buffer.clear()
     _shrink(ep.writer.transport.get_protocol())

@@ -134,7 +134,8 @@ class UpstreamPool:
         if ok:
             m.good_streak += 1
             m.last_error = None
-            rise = self.groups[group].group.check.rise if self.groups[group].group.check else 1
+            check = self.groups[group].group.check
+            rise = check.rise if check else 1
             if not m.healthy and m.good_streak >= rise:
                 m.healthy = True
         else:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from fwdproxy.core.errors import ProtocolError, Socks5Reply
-from fwdproxy.proto._need import NEED_DATA, NeedData
+from fwdproxy.proto.need import NEED_DATA, NeedData
 
 __all__ = [
     "MAX_HOSTNAME_BYTES",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from fwdproxy.proto._need import NEED_DATA, NeedData
+from fwdproxy.proto.need import NEED_DATA, NeedData
 
 __all__ = ["MAX_RECORD_BYTES", "NEED_DATA", "NeedData", "parse_client_hello_sni"]
 

@@ -83,6 +83,10 @@ class AccessLog:
         self.json = fmt == "json"
         self.min_level = getattr(logging, level.upper(), logging.INFO)
 
+    def set_level(self, level: str) -> None:
+        """A reload changed `log: level`."""
+        self.min_level = getattr(logging, level.upper(), logging.INFO)
+
     def write(self, info: ConnInfo) -> None:
         level = logging.WARNING if info.outcome.is_error else logging.INFO
         if self.stream is None:

@@ -33,8 +33,8 @@ from fwdproxy.core.errors import (
 from fwdproxy.core.outcome import Outcome, outcome_of
 from fwdproxy.net.dial import Deadline, Dialed, dial_direct, set_nodelay
 from fwdproxy.net.relay_fast import Leftover, Tunnel, start_relay
-from fwdproxy.proto._need import NEED_DATA
 from fwdproxy.proto.http1 import connect_target, parse_request_head
+from fwdproxy.proto.need import NEED_DATA
 from fwdproxy.proto.sniff import Protocol, sniff
 from fwdproxy.proto.socks import (
     Socks4Server,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from fwdproxy.config import Config, Listener
     from fwdproxy.net.dial import Streams
     from fwdproxy.proxy.state import ServerState
-    from fwdproxy.routing.rules import Decision
+    from fwdproxy.rules import Decision
 
 logger = logging.getLogger("fwdproxy.session")
 
@@ -204,7 +204,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _feed_sniff(self) -> None:
         try:
-            proto = sniff(self.buf[:1])
+            proto = sniff(bytes(self.buf[:1]))
         except ProtocolError as e:
             self.info.protocol = "unknown"
             if self.buf[:1] != b"\x16":  # a TLS client would not understand an HTTP answer
@@ -290,6 +290,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         if ev is NEED_DATA:
             return
+        assert isinstance(ev, SocksConnect)
         refusal = self.refusal
         if refusal is None and self.config.auth_required:
             refusal = "SOCKS4 has no password authentication; use SOCKS5 or HTTP with credentials"

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from fwdproxy.config import Config
     from fwdproxy.net.dial import Streams
     from fwdproxy.proxy.state import ConnInfo
-    from fwdproxy.routing.rules import Decision
+    from fwdproxy.rules import Decision
 
 CHUNK = 64 * 1024
 
@@ -39,10 +39,14 @@ CHUNK = 64 * 1024
 class Context(Protocol):
     """What the forwarder needs of its client connection (fwdproxy.proxy.connection)."""
 
-    config: Config
-    info: ConnInfo
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    @property
+    def config(self) -> Config: ...
+    @property
+    def info(self) -> ConnInfo: ...
+    @property
+    def reader(self) -> asyncio.StreamReader: ...
+    @property
+    def writer(self) -> asyncio.StreamWriter: ...
 
     def admit(self, proxy_authorization: bytes | None) -> None:
         """Allow-list, then Basic auth; raise Rejected (403/407)."""

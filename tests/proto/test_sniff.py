@@ -66,7 +66,7 @@ def test_sniff_only_looks_at_the_first_byte(first: bytes, rest: bytes) -> None:
     assert outcome(first[:1]) == outcome(first + rest)
 
 
-PURE_MODULES = ["_need.py", "sniff.py", "socks.py", "tls.py"]
+PURE_MODULES = ["need.py", "sniff.py", "socks.py", "tls.py"]
 FORBIDDEN = {"asyncio", "socket", "ssl", "selectors", "aiohttp", "time"}
 
 

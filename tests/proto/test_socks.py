@@ -14,7 +14,7 @@ from python_socks._protocols import socks5 as ps5
 from python_socks._protocols.errors import ReplyError
 
 from fwdproxy.core.errors import ProtocolError, Socks5Reply
-from fwdproxy.proto import _need, tls
+from fwdproxy.proto import need, tls
 from fwdproxy.proto.socks import (
     MAX_HOSTNAME_BYTES,
     MAX_PENDING_BYTES,
@@ -517,7 +517,7 @@ def test_socks4_server_pair_with_python_socks_client(host: str) -> None:
 
 
 def test_need_data_is_one_shared_singleton() -> None:
-    assert NEED_DATA is _need.NEED_DATA is tls.NEED_DATA
+    assert NEED_DATA is need.NEED_DATA is tls.NEED_DATA
     assert NeedData() is NEED_DATA
     assert repr(NEED_DATA) == "NEED_DATA"
 

@@ -6,6 +6,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from fwdproxy.admin.app import AdminServer
 from fwdproxy.config import load_config
 from fwdproxy.server import Server
 
@@ -43,7 +44,7 @@ rules:
   - domain: [registry.example.test]
     via: tunnel
 """)
-    server = Server(load_config(cfg))
+    server = Server(load_config(cfg), admin_factory=AdminServer)
     await server.start()
     try:
         out = await _route(cfg, "registry.example.test")
