@@ -65,7 +65,7 @@ HUB_IMAGES = ("skopeo-http", "skopeo-socks", "skopeo-upstream-http", "docker", "
               "podman", "cache", "failure")
 QUAY_IMAGES = ("skopeo-http", "skopeo-socks", "docker", "containerd", "podman")
 # `fwdproxy discover` pulls each registry's probe repository from fwdproxy's own catalog.
-CATALOG = REPO_ROOT / "fwdproxy" / "catalog.yaml"
+CATALOG = REPO_ROOT / "fwdproxy" / "routing" / "catalog.yaml"
 PROBE_KEYS = {"hub": "dockerhub", "quay": "quay"}
 INTRA_IMAGES = ("skopeo", "docker", "containerd", "podman", "failure", "blanket")
 
