@@ -6,6 +6,7 @@ lower case, no trailing dot, IDNA (punycode) for non-ASCII names, IPv6 without b
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Final
@@ -21,11 +22,14 @@ class AddressError(ValueError):
 _IPV4_CHARS: Final = frozenset("0123456789.")
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address if `host` is an IP literal (already unbracketed), else None.
 
-    On the hot path for every decision: names are told apart by their characters first, since
-    letting `ipaddress` raise for each name costs microseconds.
+    On the hot path, several times per connection (admission, loops, dial): names are told
+    apart by their characters first, since letting `ipaddress` raise for each name costs
+    microseconds, and answers are cached (the same few hosts come back all day; the cache is
+    bounded, so hostile names only evict each other).
     """
     if not host:
         return None

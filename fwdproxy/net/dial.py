@@ -10,9 +10,10 @@ import asyncio
 import errno
 import os
 import socket
+import sys
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 import aiohappyeyeballs
 
@@ -20,6 +21,7 @@ from fwdproxy.config import UpstreamSpec
 from fwdproxy.core.addr import ip_of
 from fwdproxy.core.errors import DialError, DialTimeout, Socks5Reply
 
+_T = TypeVar("_T")
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 HAPPY_EYEBALLS_DELAY_S = 0.25
 STREAM_LIMIT = 256 * 1024
@@ -31,15 +33,6 @@ _ERRNO_REPLY = {
     errno.EHOSTUNREACH: (Socks5Reply.HOST_UNREACHABLE, "unreachable"),
     errno.ETIMEDOUT: (Socks5Reply.TTL_EXPIRED, "timeout"),
 }
-
-
-def set_nodelay(sock: socket.socket | None) -> None:
-    """TCP_NODELAY on a TCP socket: handshakes and small writes must not wait for Nagle."""
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class Inbound(asyncio.Protocol):
@@ -139,7 +132,7 @@ async def dial_direct(
     addr = (hosts or {}).get(host, host)
     loop = asyncio.get_running_loop()
     try:
-        transport, inbound = await asyncio.wait_for(_connect(loop, addr, port), timeout_s)
+        transport, inbound = await within(timeout_s, _connect(loop, addr, port))
     except asyncio.TimeoutError:
         raise DialTimeout(
             f"connecting to {host}:{port} timed out after {timeout_s:g}s", hop="direct"
@@ -155,8 +148,15 @@ async def dial_direct(
             socks_reply=reply,
             kind=kind,
         ) from None
-    set_nodelay(transport.get_extra_info("socket"))
-    return Dialed(transport, inbound)
+    return Dialed(transport, inbound)  # the loop set TCP_NODELAY on the transport
+
+
+async def within(seconds: float, aw: Awaitable[_T]) -> _T:
+    """`aw` with a deadline; asyncio.timeout where it exists (no extra Task per dial)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await aw
+    return await asyncio.wait_for(aw, seconds)  # pragma: no cover - Python 3.10
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, addr: str, port: int) -> tuple[Any, Inbound]:
@@ -251,7 +251,6 @@ async def dial_via(spec: UpstreamSpec, host: str, port: int, *, timeout_s: float
                 hop=spec.name,
             ) from None
         raise _upstream_error(spec, host, port, e) from None
-    set_nodelay(sock)
     try:
         transport, inbound = await asyncio.get_running_loop().create_connection(
             Inbound, sock=sock

@@ -31,7 +31,7 @@ from fwdproxy.core.errors import (
     socks_reply,
 )
 from fwdproxy.core.outcome import Outcome, outcome_of
-from fwdproxy.net.dial import Deadline, Dialed, dial_direct, set_nodelay
+from fwdproxy.net.dial import Deadline, Dialed, dial_direct
 from fwdproxy.net.relay_fast import Leftover, Tunnel, start_relay
 from fwdproxy.proto.http1 import connect_target, parse_request_head
 from fwdproxy.proto.need import NEED_DATA
@@ -109,8 +109,7 @@ class ClientConnection(asyncio.Protocol):
     # -- transport callbacks -------------------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        set_nodelay(transport.get_extra_info("socket"))
+        self.transport = transport  # asyncio and uvloop both set TCP_NODELAY on it
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip = str(peer[0])
         self.info = info = ConnInfo(
