@@ -488,3 +488,35 @@ def test_sampler_rates_from_deltas(socks_port: int) -> None:
     state.connections.clear()
     sampler.sample(now=20.0)
     assert sampler.rate(info.id) == (0.0, 0.0)
+
+
+def test_handshake_errors_count_only_failed_handshakes_and_dials(socks_port: int) -> None:
+    """Resets, relay errors, idle timeouts and closes by the server are not handshake errors."""
+    from fwdproxy.core.outcome import Outcome
+
+    state = Server(make_config(socks_port)).state
+    metrics = ProxyMetrics(state)
+    ends = [
+        Outcome.OK,
+        Outcome.CLIENT_RESET,
+        Outcome.TARGET_RESET,
+        Outcome.CLIENT_ERROR,
+        Outcome.IDLE_TIMEOUT,
+        Outcome.CLOSED_BY_SERVER,
+        Outcome.REJECTED,
+        Outcome.DIAL_TIMEOUT,
+        Outcome.BAD_REQUEST,
+    ]
+    for outcome in ends:
+        info = _info("tunnel", "lab")
+        info.outcome = outcome
+        metrics.closed(info)
+    counted = {
+        s.labels["kind"]: s.value
+        for m in metrics.registry.collect()
+        if m.name == "fwdproxy_handshake_errors"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert counted == {"rejected": 1.0, "dial-timeout": 1.0, "bad-request": 1.0}
+    assert metrics.errors_total == 5  # client-error and closed-by-server: errors, not handshake
