@@ -11,7 +11,9 @@
  *   loadgen bulk  MODE PROXY ORIGIN BYTES              one tunnel, prints JSON
  *   loadgen short MODE PROXY ORIGIN CONC WARMUP_S SECS  tunnels/s + latency, prints JSON
  *   loadgen idle  MODE PROXY ORIGIN N1,N2,...          opens N tunnels per step, prints
- *                                                      "STEP n ok err", waits for a stdin line
+ *                                                      "STEP n ok err stalled", waits for a
+ *                                                      stdin line (stalled: handshakes still
+ *                                                      unanswered after 5 s without progress)
  * MODE: direct | connect | socks5 | http (http = plain absolute-URI forwarding).
  */
 #define _GNU_SOURCE
@@ -538,8 +540,14 @@ static int idle_main(int argc, char **argv) {
     int opened = 0, inflight = 0;
     long long ok = 0;
     for (int s = 0; s < nsteps; s++) {
-        double deadline = now_s() + 60;
+        /* a tunnel whose handshake never completes (a dropped SYN, a peer that stops
+           accepting) must not hold the step for long: give up after 5 s without progress */
+        double deadline = now_s() + 60, last_progress = now_s();
+        long long seen = -1;
         while ((ok + g_err_connect + g_err_hs + g_err_resp < steps[s]) && now_s() < deadline) {
+            long long done = ok + g_err_connect + g_err_hs + g_err_resp;
+            if (done != seen) { seen = done; last_progress = now_s(); }
+            else if (now_s() - last_progress > 5) break;
             while (opened < steps[s] && inflight < 256) {
                 cs[opened].slot = opened;
                 if (start_conn(&cs[opened])) g_err_connect++; else inflight++;
@@ -554,7 +562,9 @@ static int idle_main(int argc, char **argv) {
                 if (r == -1) { finish_conn(c); if (!was_idle) inflight--; else ok--; }
             }
         }
-        printf("STEP %d %lld %lld\n", steps[s], ok, g_err_connect + g_err_hs + g_err_resp);
+        long long errs = g_err_connect + g_err_hs + g_err_resp;
+        long long stalled = steps[s] - ok - errs;
+        printf("STEP %d %lld %lld %lld\n", steps[s], ok, errs, stalled > 0 ? stalled : 0);
         fflush(stdout);
         char line[64];
         if (!fgets(line, sizeof line, stdin)) break;

@@ -3,10 +3,13 @@
     python bench/splice_experiment.py            # prints one JSON line per relay kind
 
 A bare TCP forwarder (no proxy handshake) listens on loopback and relays every accepted
-connection to the bench origin, either with `fwdproxy.relay_fast` (recv/send through Python
-bytes) or with `os.splice` socket -> pipe -> socket (the bytes never enter user space). The
-forwarder is pinned to CPU 0, the load generator and origin to CPU 1, as in bench/run.py.
-Linux only; the result decides whether splice is worth carrying in fwdproxy.
+connection to the bench origin, either with `fwdproxy.net.relay_fast` with its own splice
+switched off (FWDPROXY_SPLICE=0: recv/send through Python bytes) or with `os.splice` socket ->
+pipe -> socket (the bytes never enter user space). The forwarder is pinned to CPU 0, the load
+generator and origin to CPU 1, as in bench/run.py. Linux only; its result is why relay_fast
+hands bulk directions to splice. It measures the fwdproxy of the checkout holding this file and
+uses its stream-based relay API (`relay_fast.relay` on `fwdproxy.net.relay.Endpoint`), so it
+has to follow (or be retired with) a rewrite of that API.
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ async def serve(kind: str, port: int, origin: tuple[str, int]) -> None:
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--serve":
         kind, port, oport = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        sys.path.insert(0, str(harness.REPO))  # this checkout's fwdproxy, not an installed one
+        if kind == "protocol":
+            os.environ["FWDPROXY_SPLICE"] = "0"  # read when relay_fast is imported
         loop_kind = sys.argv[5] if len(sys.argv) > 5 else "asyncio"
         if loop_kind == "uvloop":
             import uvloop
