@@ -46,6 +46,7 @@ def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_host(host: str) -> str:
     """Lower-case, strip one trailing dot and IPv6 brackets, IDNA-encode; raise AddressError."""
     h = host.strip()
