@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from fwdproxy.addr import AddressError, normalise_host, split_host_port
 from fwdproxy.errors import ConfigError
-from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec
+from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec, compile_regex
 from fwdproxy.yamlsrc import LineDict, line_of, load_yaml
 
 DEFAULT_LISTEN: Final = "127.0.0.1:3128"
@@ -372,7 +372,7 @@ def _parse_rule(
     regexes = []
     for r in _as_list(raw.get("regex")):
         try:
-            re.compile(str(r))
+            ctx.compiled[str(r)] = compile_regex(str(r))  # compiled once: the router reuses it
             regexes.append(str(r))
         except re.error as e:
             p.add(line_of(raw, "regex"), f"{where}.regex", f"invalid regex {r!r}: {e}")
@@ -422,6 +422,7 @@ def _parse_rule(
 class _RuleContext:
     upstreams: Mapping[str, UpstreamGroup]
     catalog: Mapping[str, Any]
+    compiled: dict[str, re.Pattern[str]] = field(default_factory=dict)
 
 
 def _parse_default(
@@ -691,7 +692,7 @@ def parse_config(
         path=path,
         listeners=listeners,
         upstreams=upstreams,
-        router=Router(specs, default, catalog),
+        router=Router(specs, default, catalog, compiled=ctx.compiled),
         hosts=_parse_hosts(data.get("hosts"), p),
         limits=_parse_limits(data.get("limits"), p),
         users=users,

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fwdproxy.addr import ip_of, normalise_host
-from fwdproxy.rules import Decision, Router, RuleSpec, glob_tail
+from fwdproxy.rules import Decision, Router, RuleSpec
 
 DEFAULT = Decision("direct", None, "default")
 
@@ -146,21 +146,6 @@ def test_domain_is_exact() -> None:
 def test_glob(pattern: str, host: str, matches: bool) -> None:
     r = router(rule(0, glob=(pattern,)))
     assert (route_of(r, host) == "rules[0]") is matches
-
-
-@pytest.mark.parametrize(
-    "pattern, tail",
-    [
-        ("prod-*.s3.dualstack.*.amazonaws.com", "amazonaws.com"),
-        ("*.docker.com", "docker.com"),
-        ("docker.io", "io"),
-        ("*", ""),
-        ("reg*", ""),
-        ("a.b?.c.d", "c.d"),
-    ],
-)
-def test_glob_tail(pattern: str, tail: str) -> None:
-    assert glob_tail(pattern) == tail
 
 
 @pytest.mark.parametrize(

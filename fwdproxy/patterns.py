@@ -1,0 +1,294 @@
+"""Glob and regex matchers indexed by their literal text (pure; used by rules.Router).
+
+A big rule file can hold thousands of globs and regexes under one domain. Trying each in turn
+makes a lookup linear in their number, so every pattern is filed by literal text that any host
+it matches must contain:
+
+- its *literal suffix* (`edge7-*.cdn.example` -> `.cdn.example`): the label-aligned part
+  (`cdn.example`) is a parent of every matching host, found by the walk over the host's parent
+  names that suffix rules need anyway;
+- failing that, its *literal prefix* up to a dot (`^ads\\.[a-z]+\\.com$` -> first label `ads`);
+- within such a bucket, the whole literal prefix or suffix (whichever fewer patterns share),
+  looked up by length: `host[:n]` / `host[-n:]` for each distinct length n in the bucket.
+
+Only the few patterns a host can possibly match are then run. Globs without `[...]` classes are
+matched by a small literal matcher, not by `re`: compiling 10,000 fnmatch regexes costs seconds
+per load, and literal matching is as fast as the regex engine for these shapes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+_GLOB_SPECIAL: Final = frozenset("*?[]")
+
+Test = Callable[[str], Any]  # host -> truthy if the pattern matches the whole host
+
+
+# -- literal affixes ---------------------------------------------------------------------------
+
+
+def glob_affixes(pattern: str) -> tuple[str, str]:
+    """(prefix, suffix): literal text that every host matching the glob starts / ends with.
+
+    Only ASCII characters outside `*`, `?` and `[...]` count: hosts are normalised to ASCII
+    lower case, and IGNORECASE may let a non-ASCII pattern character match an ASCII one.
+    """
+    p = pattern.lower()
+    i = 0
+    while i < len(p) and p[i] not in _GLOB_SPECIAL and p[i].isascii():
+        i += 1
+    j = len(p)
+    while j > 0 and p[j - 1] not in _GLOB_SPECIAL and p[j - 1].isascii():
+        j -= 1
+    return p[:i], p[j:]
+
+
+_PLAIN: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+_QUANT: Final = frozenset("*+?{")
+
+
+def _escaped(p: str, i: int) -> bool:
+    """Whether p[i] is preceded by an odd number of backslashes."""
+    n = 0
+    while i - n > 0 and p[i - n - 1] == "\\":
+        n += 1
+    return n % 2 == 1
+
+
+def _top_level_bar(p: str) -> bool:
+    depth, i, n = 0, 0, len(p)
+    while i < n:
+        c = p[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # skip a class; `]` first in it is literal
+            i += 2 if p[i + 1 : i + 2] == "^" else 1
+            i += 2 if p[i + 1 : i + 2] == "]" else 1
+            while i < n and p[i] != "]":
+                i += 2 if p[i] == "\\" else 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            return True
+        i += 1
+    return False
+
+
+def _regex_prefix(p: str) -> str:
+    i = 2 if p.startswith("\\A") else 1 if p.startswith("^") else 0
+    out = []
+    while i < len(p):
+        c = p[i].lower()
+        if c == "\\" and i + 1 < len(p) and not p[i + 1].isalnum() and p[i + 1].isascii():
+            c, step = p[i + 1], 2
+        elif c in _PLAIN:
+            step = 1
+        else:
+            break
+        if p[i + step : i + step + 1] in _QUANT and i + step < len(p):
+            break  # quantified: not certain to be there
+        out.append(c)
+        i += step
+    return "".join(out)
+
+
+def _regex_suffix(p: str) -> str:
+    j = len(p)
+    if p.endswith("\\Z") and not _escaped(p, j - 2):
+        j -= 2
+    elif p.endswith("$") and not _escaped(p, j - 1):
+        j -= 1
+    out = []
+    while j > 0:
+        c = p[j - 1].lower()
+        if _escaped(p, j - 1):
+            if c.isalnum() or not c.isascii():
+                break  # \d, \w, \1, ...: not a literal
+            j -= 2
+        elif c in _PLAIN:
+            j -= 1
+        else:
+            break
+        out.append(c)
+    return "".join(reversed(out))
+
+
+def regex_affixes(pattern: str) -> tuple[str, str]:
+    """(prefix, suffix) of literal text every full match of the regex starts / ends with.
+
+    A conservative reading of the pattern text (escapes, anchors, quantifiers, alternation):
+    anything it is unsure of ends the literal run, which only makes the index coarser.
+    """
+    p = pattern
+    if p.startswith("(?") and not p.startswith(("(?:", "(?P", "(?=", "(?!", "(?<", "(?#")):
+        return "", ""  # global inline flags such as (?x) change how the text reads
+    if "|" in p and _top_level_bar(p):
+        return "", ""
+    return _regex_prefix(p), _regex_suffix(p)
+
+
+# -- glob matching without re ------------------------------------------------------------------
+
+
+class _Segment:
+    """A run of a glob between two `*`: literal chunks at fixed offsets, `?` between them."""
+
+    __slots__ = ("chunks", "first", "first_off", "size")
+
+    def __init__(self, text: str) -> None:
+        self.size = len(text)
+        self.chunks: tuple[tuple[int, str], ...] = tuple(
+            (off, lit) for off, lit in _split_q(text) if lit
+        )
+        self.first_off, self.first = self.chunks[0] if self.chunks else (0, "")
+
+    def at(self, s: str, pos: int) -> bool:
+        return all(s.startswith(lit, pos + off) for off, lit in self.chunks)
+
+    def find(self, s: str, start: int, end: int) -> int:
+        """Leftmost position >= start where the segment fits entirely before end, or -1."""
+        last = end - self.size
+        if not self.first:
+            return start if start <= last else -1
+        pos = start
+        while pos <= last:
+            i = s.find(self.first, pos + self.first_off, last + self.first_off + len(self.first))
+            if i < 0:
+                return -1
+            pos = i - self.first_off
+            if self.at(s, pos):
+                return pos
+            pos += 1
+        return -1
+
+
+def _split_q(text: str) -> list[tuple[int, str]]:
+    out, off = [], 0
+    for part in text.split("?"):
+        out.append((off, part))
+        off += len(part) + 1
+    return out
+
+
+class GlobMatcher:
+    """fnmatch semantics (whole host, `*` and `?` match any character) for globs without `[`."""
+
+    __slots__ = ("head", "mids", "min_len", "star", "tail")
+
+    def __init__(self, pattern: str) -> None:
+        parts = pattern.lower().split("*")
+        self.star = len(parts) > 1
+        self.head = _Segment(parts[0])
+        self.tail = _Segment(parts[-1]) if self.star else self.head
+        self.mids = tuple(_Segment(p) for p in parts[1:-1] if p)
+        self.min_len = sum(len(p) for p in parts)
+
+    def __call__(self, s: str) -> bool:
+        n = len(s)
+        if not self.star:
+            return n == self.min_len and self.head.at(s, 0)
+        if n < self.min_len or not self.head.at(s, 0):
+            return False
+        end = n - self.tail.size
+        if not self.tail.at(s, end):
+            return False
+        pos = self.head.size
+        for seg in self.mids:  # leftmost placement of each middle segment is always safe
+            found = seg.find(s, pos, end)
+            if found < 0:
+                return False
+            pos = found + seg.size
+        return True
+
+
+def compile_glob(pattern: str) -> Test:
+    """A matcher for one glob: the literal matcher, or fnmatch's regex for `[...]` classes."""
+    if "[" in pattern or not pattern.isascii():
+        return re.compile(fnmatch.translate(pattern), re.IGNORECASE).fullmatch
+    return GlobMatcher(pattern)
+
+
+# -- the index ---------------------------------------------------------------------------------
+
+Item = tuple[Any, Test]  # (rules._Entry, test); entries carry .index and .ports
+
+
+def label_key(prefix: str, suffix: str) -> tuple[str, str]:
+    """Where a pattern is filed: ("suffix", parent name), ("first", first label) or ("", "")."""
+    dot = suffix.find(".")
+    if dot >= 0 and suffix[dot + 1 :]:
+        return "suffix", suffix[dot + 1 :]
+    dot = prefix.find(".")
+    if dot > 0:
+        return "first", prefix[:dot]
+    return "", ""
+
+
+class PatternSet:
+    """Patterns of one bucket, sub-indexed by their whole literal prefix or suffix."""
+
+    __slots__ = ("by_prefix", "by_suffix", "rest")
+
+    def __init__(self, items: list[tuple[Item, str, str]]) -> None:
+        """items: (item, prefix, suffix) in rule order."""
+        pre = Counter(p for _, p, _ in items if p)
+        suf = Counter(s for _, _, s in items if s)
+        prefixed: dict[int, dict[str, list[Item]]] = {}
+        suffixed: dict[int, dict[str, list[Item]]] = {}
+        rest: list[Item] = []
+        for item, p, s in items:
+            cp = pre[p] if p else 1 << 62
+            cs = suf[s] if s else 1 << 62
+            if not p and not s:
+                rest.append(item)
+            elif cp <= cs:
+                prefixed.setdefault(len(p), {}).setdefault(p, []).append(item)
+            else:
+                suffixed.setdefault(len(s), {}).setdefault(s, []).append(item)
+        self.by_prefix = _freeze(prefixed)
+        self.by_suffix = _freeze(suffixed)
+        self.rest: tuple[Item, ...] = tuple(rest)
+
+    def first(self, host: str, port: int, best: Any) -> Any:
+        """The lowest-index entry (below best's) whose pattern and ports accept host:port."""
+        n = len(host)
+        for size, table in self.by_prefix:
+            if size > n:
+                break
+            group = table.get(host[:size])
+            if group:
+                best = scan(group, host, port, best)
+        for size, table in self.by_suffix:
+            if size > n:
+                break
+            group = table.get(host[n - size :])
+            if group:
+                best = scan(group, host, port, best)
+        if self.rest:
+            best = scan(self.rest, host, port, best)
+        return best
+
+
+def _freeze(t: dict[int, dict[str, list[Item]]]) -> tuple[tuple[int, dict[str, Any]], ...]:
+    return tuple(
+        (size, {k: tuple(v) for k, v in table.items()}) for size, table in sorted(t.items())
+    )
+
+
+def scan(items: Iterable[Item], host: str, port: int, best: Any) -> Any:
+    """First item (in rule order, below best) that matches host and whose ports allow port."""
+    limit = best.index if best is not None else 1 << 62
+    for e, test in items:
+        if e.index >= limit:
+            break
+        if test(host) and (not e.ports or any(lo <= port <= hi for lo, hi in e.ports)):
+            return e
+    return best
