@@ -40,10 +40,39 @@ REPEATS = 3
 # Shares of the rules that are not shared-tail globs (those are a fixed 10,000).
 MIX = (("domain", 0.40), ("suffix", 0.28), ("glob", 0.04), ("regex", 0.06), ("cidr", 0.16))
 # ... plus port-restricted rules: the rest.
-WORDS = (
-    "ads track cdn img static api push login mail news video stat metric pixel beacon edge "
-    "node cache media assets files dl update sync auth id shop pay app m www"
-).split()
+WORDS = [
+    "ads",
+    "track",
+    "cdn",
+    "img",
+    "static",
+    "api",
+    "push",
+    "login",
+    "mail",
+    "news",
+    "video",
+    "stat",
+    "metric",
+    "pixel",
+    "beacon",
+    "edge",
+    "node",
+    "cache",
+    "media",
+    "assets",
+    "files",
+    "dl",
+    "update",
+    "sync",
+    "auth",
+    "id",
+    "shop",
+    "pay",
+    "app",
+    "m",
+    "www",
+]
 TLDS = ("com", "net", "org", "io", "cn", "jp", "de", "co.uk", "info", "xyz")
 
 
@@ -250,7 +279,11 @@ def table(res: dict[str, Any]) -> str:
         f"first lookup under the shared tail: {res['shared_first_us']:.1f} µs",
         f"{'uncached decision':<26}{'median µs':>10}{'p99 µs':>10}{'max µs':>10}",
     ]
-    for key, label in (("hit", "hits (mixed)"), ("miss", "misses"), ("shared", "shared-tail globs")):
+    for key, label in (
+        ("hit", "hits (mixed)"),
+        ("miss", "misses"),
+        ("shared", "shared-tail globs"),
+    ):
         s = res[key]
         lines.append(f"{label:<26}{s['median_us']:>10.2f}{s['p99_us']:>10.2f}{s['max_us']:>10.2f}")
     return "\n".join(lines)

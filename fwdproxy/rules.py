@@ -51,8 +51,12 @@ __all__ = [
 
 
 def compile_regex(pattern: str) -> re.Pattern[str]:
-    """A rule regex as the router runs it (full match, case-insensitive); raises re.error."""
-    return re.compile(pattern, re.IGNORECASE)
+    """A rule regex as the router runs it (full match, case-insensitive); raises re.error.
+
+    ASCII mode: hosts are ASCII by the time they are matched (IDNA), and Unicode case folding
+    makes compiling a pattern with a class such as `[a-z]` several times slower.
+    """
+    return re.compile(pattern, re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,4 +342,3 @@ class Router:
 
     def decide(self, host: str, port: int) -> Decision:  # replaced by a cached wrapper
         return self.decide_uncached(host, port)
-
