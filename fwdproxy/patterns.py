@@ -113,12 +113,26 @@ def _regex_suffix(p: str) -> str:
             if c.isalnum() or not c.isascii():
                 break  # \d, \w, \1, ...: not a literal
             j -= 2
-        elif c in _PLAIN:
+        elif c in _PLAIN and not _in_escape(p, j - 1):
             j -= 1
         else:
             break
         out.append(c)
     return "".join(reversed(out))
+
+
+_ESCAPE_TAIL: Final = {"x": 2, "u": 4, "U": 8}
+
+
+def _in_escape(p: str, i: int) -> bool:
+    """Whether p[i] is a digit of an escape such as \\x41, \\u0041 or \\101 (octal)."""
+    k = p.rfind("\\", 0, i)
+    if k < 0 or i - k > 9 or _escaped(p, k):
+        return False
+    e = p[k + 1]
+    if e in _ESCAPE_TAIL:
+        return i <= k + 1 + _ESCAPE_TAIL[e]
+    return e.isdigit() and i <= k + 3 and p[k + 1 : i + 1].isdigit()
 
 
 def regex_affixes(pattern: str) -> tuple[str, str]:
