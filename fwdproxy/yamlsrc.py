@@ -22,20 +22,22 @@ import yaml
 class LineDict(dict):  # type: ignore[type-arg]
     """A mapping with `line` (1-based) and `key_lines` {key: line}."""
 
-    line: int = 0
+    __slots__ = ("key_lines", "line")  # no per-instance __dict__: big files hold 100k of these
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        self.line = 0
         self.key_lines: dict[Any, int] = {}
 
 
 class LineList(list):  # type: ignore[type-arg]
     """A sequence with `line` and `item_lines` [line, ...]."""
 
-    line: int = 0
+    __slots__ = ("item_lines", "line")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
+        self.line = 0
         self.item_lines: list[int] = []
 
 
