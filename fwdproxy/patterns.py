@@ -60,6 +60,18 @@ def _escaped(p: str, i: int) -> bool:
     return n % 2 == 1
 
 
+def _class_end(p: str, i: int) -> int:
+    """The index of the `]` closing the class that opens at p[i] (len(p) if none)."""
+    j = i + 1
+    if p[j : j + 1] == "^":
+        j += 1
+    if p[j : j + 1] == "]":  # a `]` first in a class is literal
+        j += 1
+    while j < len(p) and p[j] != "]":
+        j += 2 if p[j] == "\\" else 1
+    return j
+
+
 def _top_level_bar(p: str) -> bool:
     depth, i, n = 0, 0, len(p)
     while i < n:
@@ -67,11 +79,8 @@ def _top_level_bar(p: str) -> bool:
         if c == "\\":
             i += 2
             continue
-        if c == "[":  # skip a class; `]` first in it is literal
-            i += 2 if p[i + 1 : i + 2] == "^" else 1
-            i += 2 if p[i + 1 : i + 2] == "]" else 1
-            while i < n and p[i] != "]":
-                i += 2 if p[i] == "\\" else 1
+        if c == "[":
+            i = _class_end(p, i)
         elif c == "(":
             depth += 1
         elif c == ")":
@@ -147,6 +156,94 @@ def regex_affixes(pattern: str) -> tuple[str, str]:
     if "|" in p and _top_level_bar(p):
         return "", ""
     return _regex_prefix(p), _regex_suffix(p)
+
+
+def _escape_end(p: str, i: int) -> int:
+    """The index after the escape starting at p[i] (a backslash)."""
+    e = p[i + 1 : i + 2]
+    if e in _ESCAPE_TAIL:
+        return i + 2 + _ESCAPE_TAIL[e]
+    if e == "N" and p[i + 2 : i + 3] == "{":
+        end = p.find("}", i)
+        return len(p) if end < 0 else end + 1
+    if e.isdigit():
+        j = i + 2
+        while j < len(p) and j < i + 4 and p[j].isdigit():
+            j += 1
+        return j
+    return i + 2
+
+
+def _skip(p: str, i: int) -> int:
+    """The index after the group, class or `{m,n}` starting at p[i]."""
+    if p[i] == "{":
+        end = p.find("}", i)
+        return len(p) if end < 0 else end + 1
+    depth, n = 0, len(p)
+    while i < n:
+        c = p[i]
+        if c == "\\":
+            i = _escape_end(p, i)
+            continue
+        if c == "[":
+            i = _class_end(p, i)
+            if depth == 0:
+                return i + 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth <= 0:
+                return i + 1
+        i += 1
+    return n
+
+
+def regex_runs(pattern: str) -> list[str]:
+    """Literal runs every full match contains, read as conservatively as regex_affixes.
+
+    Only the top level of the pattern counts: groups, classes, escapes such as `\\d` and
+    quantified characters end a run, and a top-level `|` means there are none.
+    """
+    p = pattern
+    if p.startswith("(?") and not p.startswith(("(?:", "(?P", "(?=", "(?!", "(?<", "(?#")):
+        return []
+    if "|" in p and _top_level_bar(p):
+        return []
+    runs: list[str] = []
+    cur: list[str] = []
+    i, n = 0, len(p)
+    while i < n:
+        c = p[i]
+        if c == "\\" and i + 1 < n and p[i + 1].isascii() and not p[i + 1].isalnum():
+            lit, step = p[i + 1], 2
+        elif c.isascii() and c.lower() in _PLAIN:
+            lit, step = c.lower(), 1
+        else:
+            runs.append("".join(cur))
+            cur = []
+            if c == "\\":
+                i = _escape_end(p, i)
+            elif c in "([{":
+                i = _skip(p, i)
+            else:
+                i += 1
+            continue
+        if p[i + step : i + step + 1] in _QUANT and i + step < n:
+            runs.append("".join(cur))  # a quantified character is not certain to be there
+            cur = []
+        else:
+            cur.append(lit)
+        i += step
+    runs.append("".join(cur))
+    return [r for r in runs if r]
+
+
+def glob_runs(pattern: str) -> list[str]:
+    """Literal runs between the wildcards of a glob (none if it has `[...]` classes)."""
+    if "[" in pattern or not pattern.isascii():
+        return []
+    return [r for r in re.split(r"[*?]", pattern.lower()) if r]
 
 
 # -- glob matching without re ------------------------------------------------------------------
@@ -246,29 +343,50 @@ def label_key(prefix: str, suffix: str) -> tuple[str, str]:
     return "", ""
 
 
+GRAM: Final = 4  # length of the substrings a pattern with only an inner literal is filed by
+
+
+def longest(runs: list[str]) -> str:
+    return max(runs, key=len, default="")
+
+
 class PatternSet:
-    """Patterns of one bucket, sub-indexed by their whole literal prefix or suffix."""
+    """Patterns of one bucket, sub-indexed by literal text: whole prefix, whole suffix, or a
+    4-character piece of an inner literal, whichever the fewest patterns of the bucket share.
 
-    __slots__ = ("by_prefix", "by_suffix", "rest")
+    The inner-literal index costs a dict lookup per position of the host, so it is only used
+    for patterns whose prefix and suffix are shared by more of them (`^[a-z]+-ads5\\.x\\.net$`
+    next to hundreds of other `.net` regexes).
+    """
 
-    def __init__(self, items: list[tuple[Item, str, str]]) -> None:
-        """items: (item, prefix, suffix) in rule order."""
-        pre = Counter(p for _, p, _ in items if p)
-        suf = Counter(s for _, _, s in items if s)
+    __slots__ = ("by_gram", "by_prefix", "by_suffix", "rest")
+
+    def __init__(self, items: list[tuple[Item, str, str, str]]) -> None:
+        """items: (item, prefix, suffix, longest inner literal) in rule order."""
+        pre = Counter(p for _, p, _, _ in items if p)
+        suf = Counter(s for _, _, s, _ in items if s)
+        grams = [{r[k : k + GRAM] for k in range(len(r) - GRAM + 1)} for _, _, _, r in items]
+        gram_count = Counter(g for gs in grams for g in gs)
         prefixed: dict[int, dict[str, list[Item]]] = {}
         suffixed: dict[int, dict[str, list[Item]]] = {}
+        by_gram: dict[str, list[Item]] = {}
         rest: list[Item] = []
-        for item, p, s in items:
-            cp = pre[p] if p else 1 << 62
-            cs = suf[s] if s else 1 << 62
-            if not p and not s:
+        for (item, p, s, _), gs in zip(items, grams, strict=True):
+            cp = pre[p] if p else _NONE
+            cs = suf[s] if s else _NONE
+            gram = min(gs, key=gram_count.__getitem__) if gs else ""
+            cg = gram_count[gram] if gram else _NONE
+            if min(cp, cs, cg) == _NONE:
                 rest.append(item)
-            elif cp <= cs:
+            elif cp <= cs and cp <= cg:
                 prefixed.setdefault(len(p), {}).setdefault(p, []).append(item)
-            else:
+            elif cs <= cg:
                 suffixed.setdefault(len(s), {}).setdefault(s, []).append(item)
+            else:
+                by_gram.setdefault(gram, []).append(item)
         self.by_prefix = _freeze(prefixed)
         self.by_suffix = _freeze(suffixed)
+        self.by_gram = {k: tuple(v) for k, v in by_gram.items()}
         self.rest: tuple[Item, ...] = tuple(rest)
 
     def first(self, host: str, port: int, best: Any) -> Any:
@@ -286,9 +404,18 @@ class PatternSet:
             group = table.get(host[n - size :])
             if group:
                 best = scan(group, host, port, best)
+        if self.by_gram:
+            by_gram = self.by_gram
+            for k in range(n - GRAM + 1):
+                group = by_gram.get(host[k : k + GRAM])
+                if group:
+                    best = scan(group, host, port, best)
         if self.rest:
             best = scan(self.rest, host, port, best)
         return best
+
+
+_NONE: Final = 1 << 62
 
 
 def _freeze(t: dict[int, dict[str, list[Item]]]) -> tuple[tuple[int, dict[str, Any]], ...]:

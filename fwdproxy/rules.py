@@ -27,8 +27,11 @@ from fwdproxy.patterns import (
     PatternSet,
     compile_glob,
     glob_affixes,
+    glob_runs,
     label_key,
+    longest,
     regex_affixes,
+    regex_runs,
 )
 
 ACTIONS: Final = ("direct", "reject", "via")
@@ -142,7 +145,7 @@ class _Builder:
         self.exact: dict[str, list[_Entry]] = {}
         self.suffix: dict[str, list[_Entry]] = {}
         self.subdomain: dict[str, list[_Entry]] = {}
-        self.patterns: dict[PatternKey, list[tuple[Item, str, str]]] = {}
+        self.patterns: dict[PatternKey, list[tuple[Item, str, str, str]]] = {}
         self.cidr: dict[int, dict[int, dict[int, list[_Entry]]]] = {4: {}, 6: {}}
         self.any_host: list[_Entry] = []
 
@@ -175,15 +178,17 @@ class _Builder:
             self.suffix.setdefault(s, []).append(entry)
 
     def add_glob(self, g: str, entry: _Entry) -> None:
-        self._add_pattern((entry, compile_glob(g)), *glob_affixes(g))
+        prefix, suffix = glob_affixes(g)
+        self._add_pattern((entry, compile_glob(g)), prefix, suffix, longest(glob_runs(g)))
 
     def add_regex(self, r: str, entry: _Entry) -> None:
         rx = self.compiled.get(r) or compile_regex(r)
-        self._add_pattern((entry, rx.fullmatch), *regex_affixes(r))
+        prefix, suffix = regex_affixes(r)
+        self._add_pattern((entry, rx.fullmatch), prefix, suffix, longest(regex_runs(r)))
 
-    def _add_pattern(self, item: Item, prefix: str, suffix: str) -> None:
+    def _add_pattern(self, item: Item, prefix: str, suffix: str, inner: str) -> None:
         key = label_key(prefix, suffix)
-        self.patterns.setdefault(key, []).append((item, prefix, suffix))
+        self.patterns.setdefault(key, []).append((item, prefix, suffix, inner))
 
     def add_registry(self, rule: RuleSpec, reg_name: str) -> None:
         reg = self.catalog.get(reg_name)

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fwdproxy.patterns import GlobMatcher, glob_affixes, label_key, regex_affixes
+from fwdproxy.patterns import (
+    GlobMatcher,
+    glob_affixes,
+    glob_runs,
+    label_key,
+    regex_affixes,
+    regex_runs,
+)
 from fwdproxy.rules import compile_regex
 
 # -- globs -------------------------------------------------------------------------------------
@@ -33,6 +40,7 @@ def test_glob_affixes_are_sound(pattern: str, host: str) -> None:
     prefix, suffix = glob_affixes(pattern)
     if fnmatches(pattern, host):
         assert host.startswith(prefix) and host.endswith(suffix)
+        assert all(run in host for run in glob_runs(pattern))
 
 
 @pytest.mark.parametrize(
@@ -75,6 +83,12 @@ REGEX_ATOMS = st.sampled_from(
         "c+",
         "|",
         "(?:ab)",
+        "{2}",
+        r"\N{LATIN SMALL LETTER A}",
+        "[^.]+",
+        "[]a]",
+        "[^]b]",
+        r"[\]|]",
     ]
 )
 REGEXES = st.tuples(
@@ -96,6 +110,7 @@ def test_regex_affixes_are_sound(data: st.DataObject) -> None:
     prefix, suffix = regex_affixes(pattern)
     assert host.startswith(prefix)
     assert host.endswith(suffix)
+    assert all(run in host for run in regex_runs(pattern))
 
 
 @pytest.mark.parametrize(
@@ -142,3 +157,20 @@ def test_regex_affixes(pattern: str, affixes: tuple[str, str]) -> None:
 )
 def test_label_key(prefix: str, suffix: str, key: tuple[str, str]) -> None:
     assert label_key(prefix, suffix) == key
+
+
+@pytest.mark.parametrize(
+    "pattern, runs",
+    [
+        (r"^[a-z]+-ads5\.[a-z0-9]+\.net$", ["-ads5.", ".net"]),
+        (r"^(.+\.)?ads12\d*\.zone5\.com$", ["ads12", ".zone5.com"]),
+        (r"a{2}bc", ["bc"]),
+        (r"x\x41yz", ["x", "yz"]),
+        (r"(ab)?cd+e", ["c", "e"]),
+        (r"a|b", []),
+        (r"ab\N{LATIN SMALL LETTER A}cd", ["ab", "cd"]),
+    ],
+    ids=["inner", "head-and-tail", "counted", "hex", "group", "alternation", "named-escape"],
+)
+def test_regex_runs(pattern: str, runs: list[str]) -> None:
+    assert regex_runs(pattern) == runs
