@@ -352,7 +352,9 @@ def _norm_names(values: list[Any], line: int | None, where: str, p: _Problems) -
         elif s.startswith("."):
             lead, s = ".", s[1:]
         if len(s) <= MAX_HOST_LEN and _NORMAL_NAME.fullmatch(s):
-            out.append(lead + s if lead else s)
+            # Always a new string (lower() of a normal name copies it): keeping the parser's
+            # own string object would pin the memory of the whole parsed file after the load.
+            out.append(lead + s if lead else s.lower())
             continue
         try:
             out.append(lead + normalise_host(s))
@@ -361,37 +363,45 @@ def _norm_names(values: list[Any], line: int | None, where: str, p: _Problems) -
     return tuple(out)
 
 
-def _rule_fields(
+_Matchers = tuple[
+    tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]
+]
+
+
+def _items(value: Any) -> list[Any]:
+    """Like _as_list, without copying a list: 100k short-lived copies fragment memory."""
+    return value if isinstance(value, list) else _as_list(value)
+
+
+def _rule_matchers(
     raw: Mapping[str, Any], where: str, ctx: _RuleContext, p: _Problems
-) -> dict[str, Any]:
-    """The host matchers of one rule, validated; only the keys present cost anything."""
-    fields: dict[str, Any] = {}
-    for key in ("domain", "suffix"):
-        if key in raw:
-            values = _as_list(raw[key])
-            fields[key] = _norm_names(values, line_of(raw, key), f"{where}.{key}", p)
+) -> _Matchers:
+    """(domain, suffix, glob, regex, cidr) of one rule, validated; absent keys cost nothing."""
+    domain = suffix = glob = regex = cidr = ()
+    if "domain" in raw:
+        domain = _norm_names(_items(raw["domain"]), line_of(raw, "domain"), f"{where}.domain", p)
+    if "suffix" in raw:
+        suffix = _norm_names(_items(raw["suffix"]), line_of(raw, "suffix"), f"{where}.suffix", p)
     if "glob" in raw:
-        fields["glob"] = tuple(str(g).lower().rstrip(".") for g in _as_list(raw["glob"]))
+        glob = tuple(str(g).lower().rstrip(".") for g in _items(raw["glob"]))
     if "regex" in raw:
         regexes = []
-        for r in _as_list(raw["regex"]):
+        for r in _items(raw["regex"]):
             try:
                 ctx.compiled[str(r)] = compile_regex(str(r))  # compiled once: the router reuses it
                 regexes.append(str(r))
             except re.error as e:
                 p.add(line_of(raw, "regex"), f"{where}.regex", f"invalid regex {r!r}: {e}")
-        fields["regex"] = tuple(regexes)
+        regex = tuple(regexes)
     if "cidr" in raw:
         cidrs = []
-        for c in _as_list(raw["cidr"]):
+        for c in _items(raw["cidr"]):
             try:
                 cidrs.append(str(ipaddress.ip_network(str(c), strict=False)))
             except ValueError as e:
                 p.add(line_of(raw, "cidr"), f"{where}.cidr", str(e))
-        fields["cidr"] = tuple(cidrs)
-    if "registries" in raw:
-        fields["registries"] = _rule_registries(raw, where, ctx, p)
-    return fields
+        cidr = tuple(cidrs)
+    return domain, suffix, glob, regex, cidr
 
 
 def _rule_registries(
@@ -425,7 +435,8 @@ def _parse_rule(
             "regex, cidr, registries, port",
         )
     act = _parse_action(raw, line, where, ctx.upstreams, p)
-    fields = _rule_fields(raw, where, ctx, p)
+    domain, suffix, glob, regex, cidr = _rule_matchers(raw, where, ctx, p)
+    registries = _rule_registries(raw, where, ctx, p) if "registries" in raw else ()
     ports = (
         _parse_ports(raw["port"], line_of(raw, "port"), f"{where}.port", p) if "port" in raw else ()
     )
@@ -438,7 +449,12 @@ def _parse_rule(
         name=raw.get("name"),
         line=line,
         ports=tuple(ports),
-        **fields,
+        domain=domain,
+        suffix=suffix,
+        glob=glob,
+        regex=regex,
+        cidr=cidr,
+        registries=registries,
     )
     if not spec.has_host_matcher and not spec.ports and not (raw.keys() & _HOST_KINDS):
         p.add(

@@ -344,6 +344,7 @@ def label_key(prefix: str, suffix: str) -> tuple[str, str]:
 
 
 GRAM: Final = 4  # length of the substrings a pattern with only an inner literal is filed by
+GRAM_AFTER: Final = 4  # ...when more patterns of its bucket share its prefix and its suffix
 
 
 def longest(runs: list[str]) -> str:
@@ -365,7 +366,13 @@ class PatternSet:
         """items: (item, prefix, suffix, longest inner literal) in rule order."""
         pre = Counter(p for _, p, _, _ in items if p)
         suf = Counter(s for _, _, s, _ in items if s)
-        grams = [{r[k : k + GRAM] for k in range(len(r) - GRAM + 1)} for _, _, _, r in items]
+        shared = [min(pre[p] if p else _NONE, suf[s] if s else _NONE) for _, p, s, _ in items]
+        # Inner literals are only worth their lookups (and their load time) for patterns
+        # whose prefix and suffix are shared by many others.
+        grams = [
+            {r[k : k + GRAM] for k in range(len(r) - GRAM + 1)} if n > GRAM_AFTER else set()
+            for (_, _, _, r), n in zip(items, shared, strict=True)
+        ]
         gram_count = Counter(g for gs in grams for g in gs)
         prefixed: dict[int, dict[str, list[Item]]] = {}
         suffixed: dict[int, dict[str, list[Item]]] = {}

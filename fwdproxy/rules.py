@@ -142,16 +142,18 @@ class _Builder:
     def __init__(self, catalog: Mapping[str, Any], compiled: Mapping[str, re.Pattern[str]]):
         self.catalog = catalog
         self.compiled = compiled
-        self.exact: dict[str, list[_Entry]] = {}
-        self.suffix: dict[str, list[_Entry]] = {}
-        self.subdomain: dict[str, list[_Entry]] = {}
+        # Tuples from the start: lists converted afterwards would leave 100k freed lists
+        # scattered between the live tables. Keys rarely repeat, so `+=` stays cheap.
+        self.exact: Table = {}
+        self.suffix: Table = {}
+        self.subdomain: Table = {}
         self.patterns: dict[PatternKey, list[tuple[Item, str, str, str]]] = {}
-        self.cidr: dict[int, dict[int, dict[int, list[_Entry]]]] = {4: {}, 6: {}}
+        self.cidr: dict[int, dict[int, dict[int, tuple[_Entry, ...]]]] = {4: {}, 6: {}}
         self.any_host: list[_Entry] = []
 
     def add(self, rule: RuleSpec) -> None:
         for d in rule.domain:
-            self.exact.setdefault(d, []).append(_Entry(rule, f"domain {d}"))
+            _put(self.exact, d, _Entry(rule, f"domain {d}"))
         for s in rule.suffix:
             self.add_suffix(s, _Entry(rule, f"suffix {s}"))
         for g in rule.glob:
@@ -161,7 +163,7 @@ class _Builder:
         for c in rule.cidr:
             net = ipaddress.ip_network(c, strict=False)
             by_len = self.cidr[net.version].setdefault(net.prefixlen, {})
-            by_len.setdefault(int(net.network_address), []).append(_Entry(rule, f"cidr {net}"))
+            _put(by_len, int(net.network_address), _Entry(rule, f"cidr {net}"))
         for name in rule.registries:
             # Catalog order: user registries come first, so they win over built-in ones.
             for reg_name in list(self.catalog) if name == "all" else [name]:
@@ -173,9 +175,9 @@ class _Builder:
         if s.startswith("*."):
             s = s[1:]
         if s.startswith("."):
-            self.subdomain.setdefault(s[1:], []).append(entry)
+            _put(self.subdomain, s[1:], entry)
         else:
-            self.suffix.setdefault(s, []).append(entry)
+            _put(self.suffix, s, entry)
 
     def add_glob(self, g: str, entry: _Entry) -> None:
         prefix, suffix = glob_affixes(g)
@@ -197,7 +199,7 @@ class _Builder:
         for h in reg.hosts:
             entry = _Entry(rule, f"{h.kind} {h.pattern}", reg.name, h.role)
             if h.kind == "domain":
-                self.exact.setdefault(h.pattern, []).append(entry)
+                _put(self.exact, h.pattern, entry)
             elif h.kind == "suffix":
                 self.add_suffix(h.pattern, entry)
             elif h.kind == "glob":
@@ -206,8 +208,9 @@ class _Builder:
                 self.add_regex(h.pattern, entry)
 
 
-def _tuples(table: dict[str, list[_Entry]]) -> Table:
-    return {k: tuple(v) for k, v in table.items()}
+def _put(table: dict[Any, tuple[_Entry, ...]], key: Any, entry: _Entry) -> None:
+    old = table.get(key)
+    table[key] = (entry,) if old is None else (*old, entry)
 
 
 def _ip_value(host: str) -> tuple[int, int] | None:
@@ -250,17 +253,12 @@ class Router:
         b = _Builder(dict(catalog or {}), compiled or {})
         for rule in sorted(self.rules, key=lambda r: r.index):
             b.add(rule)
-        self._exact = _tuples(b.exact)
-        self._suffix = _tuples(b.suffix)
-        self._subdomain = _tuples(b.subdomain)
+        self._exact, self._suffix, self._subdomain = b.exact, b.suffix, b.subdomain
         sets = {key: PatternSet(items) for key, items in b.patterns.items()}
         self._parent_patterns = {k: ps for (kind, k), ps in sets.items() if kind == "suffix"}
         self._first_label_patterns = {k: ps for (kind, k), ps in sets.items() if kind == "first"}
         self._loose_patterns = sets.get(("", ""))
-        self._cidr = {
-            v: [(plen, _tuples(nets)) for plen, nets in sorted(t.items(), reverse=True)]  # type: ignore[arg-type]
-            for v, t in b.cidr.items()
-        }
+        self._cidr = {v: sorted(t.items(), reverse=True) for v, t in b.cidr.items()}
         self._any_host = tuple(b.any_host)
         self.decide = lru_cache(maxsize=cache_size)(self.decide_uncached)  # type: ignore[method-assign]
 

@@ -14,6 +14,8 @@ PyYAML. Anything else in the section sends the whole file through PyYAML.
 from __future__ import annotations
 
 import re
+from array import array
+from collections.abc import MutableSequence
 from typing import Any, Final
 
 import yaml
@@ -38,7 +40,7 @@ class LineList(list):  # type: ignore[type-arg]
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.line = 0
-        self.item_lines: list[int] = []
+        self.item_lines: MutableSequence[int] = []
 
 
 # libyaml's C parser when available (much faster); the constructors below are the same.
@@ -153,6 +155,9 @@ def _fast_rule(inner: str, line: int, memo: dict[str, Any]) -> LineDict:
 def _fast_rules(lines: list[str], start: int) -> tuple[LineList, int]:
     """The rules after line index `start`, and the index of the first line after them."""
     out = LineList()
+    # A compact table: line numbers as machine ints, not 100k int objects that would outlive
+    # the parsed text (rules keep their line) and pin its memory after the load.
+    out.item_lines = array("l")
     indent = None
     memo: dict[str, Any] = {}
     end = start + 1

@@ -656,3 +656,22 @@ def test_decide_over_arbitrary_text_raises_only_address_error(host: str, port: i
     except AddressError:
         return  # a name normalise_host refuses but the router could still route (`1.2.3.4.5`)
     assert d == TOTAL_ROUTER.decide_uncached(normal, port)
+
+
+@given(st.integers(20, 200), st.integers(0, 199), st.sampled_from([443, 80]))
+def test_many_regexes_with_only_an_inner_literal_keep_first_match(
+    n: int, k: int, port: int
+) -> None:
+    """Regexes sharing their suffix (`.net`) are found by their inner literal, in order."""
+    rules = [
+        rule(i, action="direct", regex=(rf"^[a-z]+-ads{i % 50}\.[a-z0-9]+\.net$",))
+        for i in range(n)
+    ]
+    rules.insert(n // 2, rule(n // 2, glob=("*-ads1*.net",), ports=((443, 443),)))
+    rules = [
+        RuleSpec(**{**{f: getattr(r, f) for f in r.__slots__}, "index": i})
+        for i, r in enumerate(rules)
+    ]
+    r = Router(rules, DEFAULT)
+    for host in (f"q-ads{k % 50}.z9.net", f"q-ads{k}.z9.net", "q-ads1.net", "x.y.net"):
+        assert decided(r, host, port) == ref_decide(rules, host, port)
