@@ -342,6 +342,12 @@ _NORMAL_NAME: Final = re.compile(
 )
 
 
+def _fresh(s: str) -> str:
+    """A new string equal to s. Rules outlive the parsed YAML: if they kept the parser's own
+    string objects, those would pin the memory of the whole parsed file after a big load."""
+    return s[:1] + s[1:] if len(s) > 1 else s
+
+
 def _norm_names(values: list[Any], line: int | None, where: str, p: _Problems) -> tuple[str, ...]:
     out = []
     for v in values:
@@ -352,9 +358,7 @@ def _norm_names(values: list[Any], line: int | None, where: str, p: _Problems) -
         elif s.startswith("."):
             lead, s = ".", s[1:]
         if len(s) <= MAX_HOST_LEN and _NORMAL_NAME.fullmatch(s):
-            # Always a new string (lower() of a normal name copies it): keeping the parser's
-            # own string object would pin the memory of the whole parsed file after the load.
-            out.append(lead + s if lead else s.lower())
+            out.append(lead + s if lead else _fresh(s))
             continue
         try:
             out.append(lead + normalise_host(s))
@@ -388,8 +392,9 @@ def _rule_matchers(
         regexes = []
         for r in _items(raw["regex"]):
             try:
-                ctx.compiled[str(r)] = compile_regex(str(r))  # compiled once: the router reuses it
-                regexes.append(str(r))
+                text = _fresh(str(r))
+                ctx.compiled[text] = compile_regex(text)  # compiled once: the router reuses it
+                regexes.append(text)
             except re.error as e:
                 p.add(line_of(raw, "regex"), f"{where}.regex", f"invalid regex {r!r}: {e}")
         regex = tuple(regexes)
