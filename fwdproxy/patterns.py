@@ -345,44 +345,47 @@ def label_key(prefix: str, suffix: str) -> tuple[str, str]:
 
 GRAM: Final = 4  # length of the substrings a pattern with only an inner literal is filed by
 GRAM_AFTER: Final = 4  # ...when more patterns of its bucket share its prefix and its suffix
+STRIDE: Final = 3  # a host is probed at every STRIDE-th position for literals this long:
+WIDE: Final = GRAM + STRIDE - 1  # a pattern is then filed under STRIDE consecutive grams
 
 
 def longest(runs: list[str]) -> str:
     return max(runs, key=len, default="")
 
 
-class PatternSet:
-    """Patterns of one bucket, sub-indexed by literal text: whole prefix, whole suffix, or a
-    4-character piece of an inner literal, whichever the fewest patterns of the bucket share.
+def _grams(run: str) -> list[str]:
+    return [run[k : k + GRAM] for k in range(len(run) - GRAM + 1)]
 
-    The inner-literal index costs a dict lookup per position of the host, so it is only used
-    for patterns whose prefix and suffix are shared by more of them (`^[a-z]+-ads5\\.x\\.net$`
-    next to hundreds of other `.net` regexes).
+
+class PatternSet:
+    """Patterns of one bucket, sub-indexed by literal text: whole prefix, whole suffix, or
+    4-character pieces ("grams") of an inner literal, whichever the fewest patterns share.
+
+    Grams cost dict lookups along the host, so they are only used for patterns whose prefix
+    and suffix are shared by several others (`^[a-z]+-ads5\\.x\\.net$` next to hundreds of
+    other `.net` regexes). A literal of at least WIDE characters is filed under STRIDE
+    consecutive grams, so probing every STRIDE-th position of the host still meets one of
+    them wherever the literal lies; shorter ones are filed under one gram, probed everywhere.
     """
 
-    __slots__ = ("by_gram", "by_prefix", "by_suffix", "rest")
+    __slots__ = ("by_gram", "by_prefix", "by_suffix", "by_wide", "rest")
 
     def __init__(self, items: list[tuple[Item, str, str, str]]) -> None:
         """items: (item, prefix, suffix, longest inner literal) in rule order."""
         pre = Counter(p for _, p, _, _ in items if p)
         suf = Counter(s for _, _, s, _ in items if s)
         shared = [min(pre[p] if p else _NONE, suf[s] if s else _NONE) for _, p, s, _ in items]
-        # Inner literals are only worth their lookups (and their load time) for patterns
-        # whose prefix and suffix are shared by many others.
-        grams = [
-            {r[k : k + GRAM] for k in range(len(r) - GRAM + 1)} if n > GRAM_AFTER else set()
-            for (_, _, _, r), n in zip(items, shared, strict=True)
-        ]
-        gram_count = Counter(g for gs in grams for g in gs)
+        runs = [r if n > GRAM_AFTER else "" for (_, _, _, r), n in zip(items, shared, strict=True)]
+        count = Counter(g for r in runs for g in set(_grams(r)))
         prefixed: dict[int, dict[str, list[Item]]] = {}
         suffixed: dict[int, dict[str, list[Item]]] = {}
         by_gram: dict[str, list[Item]] = {}
+        by_wide: dict[str, list[Item]] = {}
         rest: list[Item] = []
-        for (item, p, s, _), gs in zip(items, grams, strict=True):
+        for (item, p, s, _), run in zip(items, runs, strict=True):
             cp = pre[p] if p else _NONE
             cs = suf[s] if s else _NONE
-            gram = min(gs, key=gram_count.__getitem__) if gs else ""
-            cg = gram_count[gram] if gram else _NONE
+            keys, cg = _gram_keys(run, count)
             if min(cp, cs, cg) == _NONE:
                 rest.append(item)
             elif cp <= cs and cp <= cg:
@@ -390,10 +393,13 @@ class PatternSet:
             elif cs <= cg:
                 suffixed.setdefault(len(s), {}).setdefault(s, []).append(item)
             else:
-                by_gram.setdefault(gram, []).append(item)
+                table = by_wide if len(keys) > 1 else by_gram
+                for key in keys:
+                    table.setdefault(key, []).append(item)
         self.by_prefix = _freeze(prefixed)
         self.by_suffix = _freeze(suffixed)
         self.by_gram = {k: tuple(v) for k, v in by_gram.items()}
+        self.by_wide = {k: tuple(v) for k, v in by_wide.items()}
         self.rest: tuple[Item, ...] = tuple(rest)
 
     def first(self, host: str, port: int, best: Any) -> Any:
@@ -411,15 +417,29 @@ class PatternSet:
             group = table.get(host[n - size :])
             if group:
                 best = scan(group, host, port, best)
-        if self.by_gram:
-            by_gram = self.by_gram
-            for k in range(n - GRAM + 1):
-                group = by_gram.get(host[k : k + GRAM])
-                if group:
-                    best = scan(group, host, port, best)
+        for grams, step in ((self.by_wide, STRIDE), (self.by_gram, 1)):
+            if grams:
+                for k in range(0, n - GRAM + 1, step):
+                    group = grams.get(host[k : k + GRAM])
+                    if group:
+                        best = scan(group, host, port, best)
         if self.rest:
             best = scan(self.rest, host, port, best)
         return best
+
+
+def _gram_keys(run: str, count: Counter[str]) -> tuple[list[str], int]:
+    """The grams to file a literal under (STRIDE of them if it is long enough), and how many
+    patterns the busiest of them holds."""
+    grams = _grams(run)
+    if not grams:
+        return [], _NONE
+    if len(run) < WIDE:
+        best = min(grams, key=count.__getitem__)
+        return [best], count[best]
+    windows = (grams[w : w + STRIDE] for w in range(len(grams) - STRIDE + 1))
+    keys = min(windows, key=lambda ws: max(count[g] for g in ws))
+    return keys, max(count[g] for g in keys)
 
 
 _NONE: Final = 1 << 62

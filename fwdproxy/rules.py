@@ -37,7 +37,6 @@ from fwdproxy.patterns import (
 ACTIONS: Final = ("direct", "reject", "via")
 HOST_KINDS: Final = ("domain", "suffix", "glob", "regex", "cidr", "registries")
 _INF: Final = 1 << 62
-_IPV4_CHARS: Final = frozenset("0123456789.")
 # A name already in normalise_host's output form whose last label starts with a letter, so it
 # can be neither a dotted quad nor an inet_aton spelling (`0x7f.1`): routed without re-checking.
 _PLAIN_NAME: Final = re.compile(r"(?:[a-z0-9_*-]+\.)*[a-z][a-z0-9_*-]*")
@@ -153,7 +152,15 @@ class _Builder:
 
     def add(self, rule: RuleSpec) -> None:
         for d in rule.domain:
-            _put(self.exact, d, _Entry(rule, f"domain {d}"))
+            ip = _ip_value(d)
+            if ip is None:
+                _put(self.exact, d, _Entry(rule, f"domain {d}"))
+            else:  # an address written as a domain: a host route, so any spelling matches
+                _put(
+                    self.cidr[ip[0]].setdefault(32 if ip[0] == 4 else 128, {}),
+                    ip[1],
+                    _Entry(rule, f"domain {d}"),
+                )
         for s in rule.suffix:
             self.add_suffix(s, _Entry(rule, f"suffix {s}"))
         for g in rule.glob:
@@ -213,27 +220,27 @@ def _put(table: dict[Any, tuple[_Entry, ...]], key: Any, entry: _Entry) -> None:
     table[key] = (entry,) if old is None else (*old, entry)
 
 
+_OCTET: Final = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD: Final = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
 def _ip_value(host: str) -> tuple[int, int] | None:
-    """(4 or 6, the address as an int) if host is an IP literal as normalise_host writes it."""
+    """(4 or 6, the address as an int) for a dotted quad as normalise_host writes it, or for
+    any IPv6 literal (by value: its spelling and zone do not matter, a mapped IPv4 address
+    is that IPv4 address). Other IPv4 spellings (`0x7f.1`, `010.0.0.1`) need normalise_host.
+    """
     if ":" in host:
         try:
             ip = ipaddress.IPv6Address(host)
         except ValueError:
             return None
-        if ip.ipv4_mapped is not None or ip.scope_id is not None or str(ip) != host:
-            return None
-        return 6, int(ip)
-    if not (host[-1:].isdigit() and _IPV4_CHARS.issuperset(host)):
+        mapped = ip.ipv4_mapped
+        return (6, int(ip)) if mapped is None else (4, int(mapped))
+    m = _DOTTED_QUAD.fullmatch(host)
+    if m is None:
         return None
-    parts = host.split(".")
-    if len(parts) != 4:
-        return None
-    value = 0
-    for p in parts:
-        if not p or len(p) > 3 or (p[0] == "0" and p != "0") or int(p) > 255:
-            return None
-        value = (value << 8) | int(p)
-    return 4, value
+    a, b, c, d = m.groups()
+    return 4, (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
 
 
 class Router:
@@ -309,9 +316,8 @@ class Router:
             best = self._loose_patterns.first(host, port, best)
         return best
 
-    def _match_ip(self, host: str, version: int, value: int, port: int) -> _Entry | None:
-        lst = self._exact.get(host)
-        best = self._first(lst, port, None) if lst else None
+    def _match_ip(self, version: int, value: int, port: int) -> _Entry | None:
+        best = None
         first, bits = self._first, 32 if version == 4 else 128
         for plen, nets in self._cidr[version]:
             shift = bits - plen
@@ -321,15 +327,18 @@ class Router:
         return best
 
     def _match(self, host: str, port: int) -> _Entry | None:
-        if len(host) <= MAX_HOST_LEN and _PLAIN_NAME.fullmatch(host):
+        colon = ":" in host
+        if colon or host[-1:].isdigit():
+            ip = _ip_value(host)
+            if ip is not None:
+                return self._match_ip(ip[0], ip[1], port)
+        if not colon and len(host) <= MAX_HOST_LEN and _PLAIN_NAME.fullmatch(host):
             return self._match_name(host, port)
+        host = normalise_host(host)  # AddressError for text that is not a host at all
         ip = _ip_value(host)
         if ip is None:
-            host = normalise_host(host)  # AddressError for text that is not a host at all
-            ip = _ip_value(host)
-            if ip is None:
-                return self._match_name(host, port)
-        return self._match_ip(host, ip[0], ip[1], port)
+            return self._match_name(host, port)
+        return self._match_ip(ip[0], ip[1], port)
 
     def decide_uncached(self, host: str, port: int) -> Decision:
         """The decision for host:port; raises AddressError (only) if host is not a host.

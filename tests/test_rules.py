@@ -673,5 +673,6 @@ def test_many_regexes_with_only_an_inner_literal_keep_first_match(
         for i, r in enumerate(rules)
     ]
     r = Router(rules, DEFAULT)
-    for host in (f"q-ads{k % 50}.z9.net", f"q-ads{k}.z9.net", "q-ads1.net", "x.y.net"):
+    hosts = [f"{q}-ads{k % 50}.z9.net" for q in ("q", "qq", "qqq")]  # every offset mod 3
+    for host in (*hosts, f"q-ads{k}.z9.net", "q-ads1.net", "x.y.net", "node1"):
         assert decided(r, host, port) == ref_decide(rules, host, port)
