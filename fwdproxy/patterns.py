@@ -32,6 +32,9 @@ Test = Callable[[str], Any]  # host -> truthy if the pattern matches the whole h
 # -- literal affixes ---------------------------------------------------------------------------
 
 
+_GLOB_LITERAL: Final = re.compile(r"[^*?\[\]\x80-\U0010ffff]*")
+
+
 def glob_affixes(pattern: str) -> tuple[str, str]:
     """(prefix, suffix): literal text that every host matching the glob starts / ends with.
 
@@ -39,13 +42,9 @@ def glob_affixes(pattern: str) -> tuple[str, str]:
     lower case, and IGNORECASE may let a non-ASCII pattern character match an ASCII one.
     """
     p = pattern.lower()
-    i = 0
-    while i < len(p) and p[i] not in _GLOB_SPECIAL and p[i].isascii():
-        i += 1
-    j = len(p)
-    while j > 0 and p[j - 1] not in _GLOB_SPECIAL and p[j - 1].isascii():
-        j -= 1
-    return p[:i], p[j:]
+    head = _GLOB_LITERAL.match(p)
+    tail = _GLOB_LITERAL.match(p[::-1])
+    return (head.group() if head else ""), (tail.group()[::-1] if tail else "")
 
 
 _PLAIN: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -372,6 +371,13 @@ class PatternSet:
 
     def __init__(self, items: list[tuple[Item, str, str, str]]) -> None:
         """items: (item, prefix, suffix, longest inner literal) in rule order."""
+        if len(items) == 1:  # most buckets: nothing to weigh
+            ((item, p, s, _),) = items
+            self.by_prefix = ((len(p), {p: (item,)}),) if p else ()
+            self.by_suffix = ((len(s), {s: (item,)}),) if s and not p else ()
+            self.by_gram, self.by_wide = {}, {}
+            self.rest = () if p or s else (item,)
+            return
         pre = Counter(p for _, p, _, _ in items if p)
         suf = Counter(s for _, _, s, _ in items if s)
         shared = [min(pre[p] if p else _NONE, suf[s] if s else _NONE) for _, p, s, _ in items]

@@ -168,9 +168,8 @@ class _Builder:
         for r in rule.regex:
             self.add_regex(r, _Entry(rule, f"regex {r}"))
         for c in rule.cidr:
-            net = ipaddress.ip_network(c, strict=False)
-            by_len = self.cidr[net.version].setdefault(net.prefixlen, {})
-            _put(by_len, int(net.network_address), _Entry(rule, f"cidr {net}"))
+            version, plen, value, text = _network(c)
+            _put(self.cidr[version].setdefault(plen, {}), value, _Entry(rule, f"cidr {text}"))
         for name in rule.registries:
             # Catalog order: user registries come first, so they win over built-in ones.
             for reg_name in list(self.catalog) if name == "all" else [name]:
@@ -222,6 +221,17 @@ def _put(table: dict[Any, tuple[_Entry, ...]], key: Any, entry: _Entry) -> None:
 
 _OCTET: Final = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _DOTTED_QUAD: Final = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
+def _network(cidr: str) -> tuple[int, int, int, str]:
+    """(version, prefix length, network as an int, canonical text) of a CIDR string."""
+    addr, _, bits = cidr.partition("/")
+    canonical_bits = bits.isdigit() and (bits == "0" or bits[0] != "0")
+    ip = _ip_value(addr) if canonical_bits and ":" not in addr else None
+    if ip is not None and int(bits) <= 32 and ip[1] & ((1 << (32 - int(bits))) - 1) == 0:
+        return 4, int(bits), ip[1], cidr  # the config's canonical IPv4 form: parsed directly
+    net = ipaddress.ip_network(cidr, strict=False)
+    return net.version, net.prefixlen, int(net.network_address), str(net)
 
 
 def _ip_value(host: str) -> tuple[int, int] | None:

@@ -97,6 +97,10 @@ _SEQ: Final = rf"\[ *(?:{_SCALAR} *(?:, *{_SCALAR} *)*)?\]"
 _PAIR: Final = rf"([a-z_]+): +({_SEQ}|{_SCALAR})"
 _ITEM: Final = re.compile(rf"( *)- \{{ *({_PAIR} *(?:, *{_PAIR} *)*)\}} *(?:#.*)?")
 _PAIRS: Final = re.compile(_PAIR)
+# The commonest line of all, `- {suffix: [a.com], via: tunnel}`, read in one match.
+_COMMON: Final = re.compile(
+    rf"( *)- \{{ *([a-z_]+): +\[ *({_SCALAR}) *\] *, *([a-z_]+): +({_SCALAR}) *\}} *(?:#.*)?"
+)
 _SCALARS: Final = re.compile(_SCALAR)
 _SKIP: Final = re.compile(r" *(?:#.*)?")
 _RESOLVER: Final = yaml.resolver.Resolver()
@@ -152,6 +156,22 @@ def _fast_rule(inner: str, line: int, memo: dict[str, Any]) -> LineDict:
     return rule
 
 
+def _common_rule(c: re.Match[str], line: int, memo: dict[str, Any]) -> LineDict:
+    """`_fast_rule` for a line matched by _COMMON: one list of one item, one scalar."""
+    key1, item, key2, value = c.group(2, 3, 4, 5)
+    rule = LineDict.__new__(LineDict)
+    rule.line, rule.key_lines = line, _SAME_LINE_KEYS
+    items = LineList.__new__(LineList)
+    items.append(_scalar(item, memo))
+    items.line, items.item_lines = line, _SAME_LINE_ITEMS
+    key1, key2 = _scalar(key1, memo), _scalar(key2, memo)
+    if key1 == key2:
+        raise _NotPlain(key1)  # PyYAML reports the duplicate
+    rule[key1] = items
+    rule[key2] = _scalar(value, memo)
+    return rule
+
+
 def _fast_rules(lines: list[str], start: int) -> tuple[LineList, int]:
     """The rules after line index `start`, and the index of the first line after them."""
     out = LineList()
@@ -163,6 +183,12 @@ def _fast_rules(lines: list[str], start: int) -> tuple[LineList, int]:
     end = start + 1
     while end < len(lines) and (not lines[end] or lines[end][0] in " -#"):
         line = lines[end]
+        c = _COMMON.fullmatch(line)
+        if c is not None and c.group(1) == indent:
+            out.append(_common_rule(c, end + 1, memo))
+            out.item_lines.append(end + 1)
+            end += 1
+            continue
         m = _ITEM.fullmatch(line)
         if m is None:
             if not _SKIP.fullmatch(line):

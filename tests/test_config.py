@@ -667,3 +667,10 @@ def test_big_rule_file_errors_keep_their_line(tmp_path: Path) -> None:
     line = text.splitlines().index("  - {domain: [h7.example.com], via: tunel}") + 1
     # items 5 and 6 of the shapes are a blank and a comment line: h7 is the sixth rule
     assert problem.startswith(f"{path}:{line}: rules[5]: via: unknown upstream 'tunel'")
+
+
+def test_big_rule_file_with_a_duplicate_key_is_refused_as_pyyaml_refuses_it() -> None:
+    from fwdproxy.yamlsrc import load_yaml
+
+    with pytest.raises(yaml.YAMLError, match="duplicate key"):
+        load_yaml(_big_rules_text("\n  - {domain: [a.example], domain: b.example}"))
