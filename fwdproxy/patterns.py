@@ -367,10 +367,11 @@ class PatternSet:
     them wherever the literal lies; shorter ones are filed under one gram, probed everywhere.
     """
 
-    __slots__ = ("by_gram", "by_prefix", "by_suffix", "by_wide", "rest")
+    __slots__ = ("by_gram", "by_prefix", "by_suffix", "by_wide", "lowest", "rest")
 
     def __init__(self, items: list[tuple[Item, str, str, str]]) -> None:
         """items: (item, prefix, suffix, longest inner literal) in rule order."""
+        self.lowest = items[0][0][0].index  # no entry here can beat an earlier match
         if len(items) == 1:  # most buckets: nothing to weigh
             ((item, p, s, _),) = items
             self.by_prefix = ((len(p), {p: (item,)}),) if p else ()
@@ -410,6 +411,8 @@ class PatternSet:
 
     def first(self, host: str, port: int, best: Any) -> Any:
         """The lowest-index entry (below best's) whose pattern and ports accept host:port."""
+        if best is not None and best.index <= self.lowest:
+            return best
         n = len(host)
         for size, table in self.by_prefix:
             if size > n:
