@@ -20,19 +20,10 @@ CACHE_ADDR = "127.0.0.1:5001"
 def hub_cache(rig: Rig, proxy: RunningProxy) -> Iterator[str]:
     storage = rig.tmp / "cache-storage"
     storage.mkdir()
-    conf = render(
-        "registry.yml",
-        rig.tmp / "cache.yml",
-        STORAGE=str(storage),
-        ADDR=CACHE_ADDR,
-        EXTRA="proxy:\n  remoteurl: https://registry-1.docker.io\n",
-    )
-    proc = rig.sup.start(
-        "registry-cache",
-        rig.node,
-        ["docker-registry", "serve", str(conf)],
-        env=rig.proxy_env(proxy.http_url),
-    )
+    conf = render("registry.yml", rig.tmp / "cache.yml", STORAGE=str(storage), ADDR=CACHE_ADDR,
+                  EXTRA="proxy:\n  remoteurl: https://registry-1.docker.io\n")
+    proc = rig.sup.start("registry-cache", rig.node, ["docker-registry", "serve", str(conf)],
+                         env=rig.proxy_env(proxy.http_url))
     try:
         rig.node.wait_tcp("127.0.0.1", 5001, alive=proc.dead)
         yield CACHE_ADDR
@@ -40,9 +31,8 @@ def hub_cache(rig: Rig, proxy: RunningProxy) -> Iterator[str]:
         rig.sup.stop(proc)
 
 
-def test_pull_through_cache_reaches_hub_via_fwdproxy(
-    rig: Rig, hub_cache: str, tmp_path: Path
-) -> None:
+def test_pull_through_cache_reaches_hub_via_fwdproxy(rig: Rig, hub_cache: str,
+                                                     tmp_path: Path) -> None:
     ref = rig.image("hub:cache")
     env = rig.client_env()  # the client talks to the cache on loopback, no proxy
     src = f"docker://{hub_cache}/{ref.repo}:{ref.tag}"

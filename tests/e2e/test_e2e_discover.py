@@ -22,20 +22,12 @@ CDN = "production.cloudflare.docker.com"
 
 
 def discover(rig: Rig, hosts: list[str], name: str) -> subprocess.CompletedProcess[str]:
-    conf = render(
-        "fwdproxy-explicit.yaml",
-        rig.tmp / f"{name}.yaml",
-        PORT="3199",
-        UPSTREAM=SOCKS_UPSTREAM,
-        TUNNELLED=", ".join(hosts),
-    )
+    conf = render("fwdproxy-explicit.yaml", rig.tmp / f"{name}.yaml", PORT="3199",
+                  UPSTREAM=SOCKS_UPSTREAM, TUNNELLED=", ".join(hosts))
     got = rig.node.run(
-        fwdproxy_argv(
-            "discover", "-c", str(conf), "--ca-file", str(rig.ca.cert), *PROBE_KEYS.values()
-        ),
-        env=fwdproxy_env(rig),
-        timeout_s=60,
-        check=False,
+        fwdproxy_argv("discover", "-c", str(conf), "--ca-file", str(rig.ca.cert),
+                      *PROBE_KEYS.values()),
+        env=fwdproxy_env(rig), timeout_s=60, check=False,
     )
     print(got.stdout, got.stderr)  # shown by pytest on failure
     return got

@@ -16,11 +16,8 @@ INTRANET_MARKS = (INTRA_IP, "intranet")
 
 
 def intranet_urls() -> list[str]:
-    return [
-        f"http://{INTRA_WEB}/index.txt",
-        f"http://{INTRA_OVERRIDE}/index.txt",
-        f"http://{INTRA_IP}/index.txt",
-    ]
+    return [f"http://{INTRA_WEB}/index.txt", f"http://{INTRA_OVERRIDE}/index.txt",
+            f"http://{INTRA_IP}/index.txt"]
 
 
 def assert_socks_never_saw_intranet(text: str) -> None:
@@ -29,9 +26,8 @@ def assert_socks_never_saw_intranet(text: str) -> None:
 
 
 @pytest.mark.parametrize("url", intranet_urls(), ids=["name", "hosts-override", "ip"])
-@pytest.mark.parametrize(
-    "side", ["http", "socks5h", "socks4a"], ids=["http-proxy", "socks5", "socks4a"]
-)
+@pytest.mark.parametrize("side", ["http", "socks5h", "socks4a"],
+                         ids=["http-proxy", "socks5", "socks4a"])
 def test_intranet_http_goes_direct(rig: Rig, proxy: RunningProxy, url: str, side: str) -> None:
     before = len(rig.socks_text())
     proxy_url = f"{side}://127.0.0.1:{proxy.port}"
@@ -55,9 +51,8 @@ def test_intranet_registry_goes_direct(rig: Rig, proxy: RunningProxy) -> None:
     ref = rig.image("intra:skopeo")
     before = len(rig.socks_text())
     env = rig.proxy_env(proxy.http_url)
-    got = skopeo(
-        rig, ["inspect", "--cert-dir", str(rig.cert_dir), f"docker://{ref.reference}"], env
-    )
+    got = skopeo(rig, ["inspect", "--cert-dir", str(rig.cert_dir), f"docker://{ref.reference}"],
+                 env)
     assert f'"Digest": "{ref.digest}"' in got.stdout
     assert_socks_never_saw_intranet(rig.socks_text()[before:])
     assert_direct(proxy, "registry.intranet.test:5000")
@@ -68,31 +63,18 @@ def test_blanket_tunnel_breaks_the_intranet(
 ) -> None:
     """What fwdproxy exists to fix: send everything to the tunnel and the intranet is gone."""
     blanket = make_proxy("fwdproxy-blanket", "fwdproxy-blanket.yaml")
-    web = curl(
-        rig.node,
-        ["-f", "--proxy", blanket.http_url, f"http://{INTRA_WEB}/index.txt"],
-        rig.client_env(),
-        timeout_s=15,
-        check=False,
-    )
+    web = curl(rig.node, ["-f", "--proxy", blanket.http_url, f"http://{INTRA_WEB}/index.txt"],
+               rig.client_env(), timeout_s=15, check=False)
     assert web.returncode != 0, f"intranet web answered through the tunnel: {web.stdout}"
     assert "intranet says hello" not in web.stdout
     if blanket.kind == "fwdproxy":
         assert "502" in web.stderr, web.stderr  # the tunnel cannot reach or resolve it
     ref = rig.image("intra:blanket")
-    reg = skopeo(
-        rig,
-        ["inspect", "--cert-dir", str(rig.cert_dir), f"docker://{ref.reference}"],
-        rig.proxy_env(blanket.http_url),
-        timeout_s=20,
-        check=False,
-    )
+    reg = skopeo(rig, ["inspect", "--cert-dir", str(rig.cert_dir), f"docker://{ref.reference}"],
+                 rig.proxy_env(blanket.http_url), timeout_s=20, check=False)
     assert reg.returncode != 0, f"intranet registry answered through the tunnel: {reg.stdout}"
     # ...while the registries still work through the same blanket proxy.
     hub = rig.image("hub:skopeo-http")
-    ok = skopeo(
-        rig,
-        ["inspect", "--cert-dir", str(rig.cert_dir), f"docker://{hub.reference}"],
-        rig.proxy_env(blanket.http_url),
-    )
+    ok = skopeo(rig, ["inspect", "--cert-dir", str(rig.cert_dir), f"docker://{hub.reference}"],
+                rig.proxy_env(blanket.http_url))
     assert hub.digest in ok.stdout

@@ -22,24 +22,11 @@ DEADLINE_S = 90.0
 def test_parallel_blobs_and_intranet(rig: Rig, proxy: RunningProxy, tmp_path: Path) -> None:
     bulk = rig.image("hub:bulk")
     env = rig.client_env()
-    token = json.loads(
-        curl(
-            rig.node,
-            [
-                "--proxy",
-                proxy.http_url,
-                "--cacert",
-                str(rig.ca.cert),
-                "-G",
-                "https://auth.docker.io/token",
-                "--data-urlencode",
-                "service=registry.docker.io",
-                "--data-urlencode",
-                f"scope=repository:{bulk.repo}:pull",
-            ],
-            env,
-        ).stdout
-    )["token"]
+    token = json.loads(curl(
+        rig.node,
+        ["--proxy", proxy.http_url, "--cacert", str(rig.ca.cert), "-G",
+         "https://auth.docker.io/token", "--data-urlencode", "service=registry.docker.io",
+         "--data-urlencode", f"scope=repository:{bulk.repo}:pull"], env).stdout)["token"]
     blobs = bulk.image.layers[1:]
     assert len(blobs) == BULK_COUNT and all(len(b.blob) > 4 * 1024 * 1024 for b in blobs)
     web_bytes = rig.intranet_blob.read_bytes()
@@ -47,51 +34,17 @@ def test_parallel_blobs_and_intranet(rig: Rig, proxy: RunningProxy, tmp_path: Pa
     jobs: list[tuple[subprocess.Popen[bytes], Path, str]] = []
     for i, layer in enumerate(blobs):
         out = tmp_path / f"blob{i}"
-        argv = [
-            "curl",
-            "-sS",
-            "-f",
-            "-L",
-            "--max-time",
-            "60",
-            "--proxy",
-            proxy.http_url,
-            "--cacert",
-            str(rig.ca.cert),
-            "-H",
-            f"Authorization: Bearer {token}",
-            "-o",
-            str(out),
-            f"https://registry-1.docker.io/v2/{bulk.repo}/blobs/{layer.digest}",
-        ]
-        jobs.append(
-            (
-                subprocess.Popen(rig.node.argv(argv), env=env, stderr=subprocess.PIPE),
-                out,
-                layer.digest,
-            )
-        )
+        argv = ["curl", "-sS", "-f", "-L", "--max-time", "60", "--proxy", proxy.http_url,
+                "--cacert", str(rig.ca.cert), "-H", f"Authorization: Bearer {token}",
+                "-o", str(out), f"https://registry-1.docker.io/v2/{bulk.repo}/blobs/{layer.digest}"]
+        jobs.append((subprocess.Popen(rig.node.argv(argv), env=env, stderr=subprocess.PIPE),
+                     out, layer.digest))
     for i in range(BULK_COUNT):
         out = tmp_path / f"web{i}"
-        argv = [
-            "curl",
-            "-sS",
-            "-f",
-            "--max-time",
-            "60",
-            "--proxy",
-            proxy.http_url,
-            "-o",
-            str(out),
-            f"http://{INTRA_WEB}/{rig.intranet_blob.name}",
-        ]
-        jobs.append(
-            (
-                subprocess.Popen(rig.node.argv(argv), env=env, stderr=subprocess.PIPE),
-                out,
-                "sha256:" + hashlib.sha256(web_bytes).hexdigest(),
-            )
-        )
+        argv = ["curl", "-sS", "-f", "--max-time", "60", "--proxy", proxy.http_url,
+                "-o", str(out), f"http://{INTRA_WEB}/{rig.intranet_blob.name}"]
+        jobs.append((subprocess.Popen(rig.node.argv(argv), env=env, stderr=subprocess.PIPE),
+                     out, "sha256:" + hashlib.sha256(web_bytes).hexdigest()))
 
     end = time.monotonic() + DEADLINE_S
     failures = []
@@ -111,11 +64,8 @@ def test_parallel_blobs_and_intranet(rig: Rig, proxy: RunningProxy, tmp_path: Pa
                 popen.wait()
     assert not failures, "\n".join(failures)
 
-    cdn = [
-        e
-        for e in access_entries(rig)
-        if e["host"] == "production.cloudflare.docker.com" and e["status"] == "200"
-    ]
+    cdn = [e for e in access_entries(rig) if e["host"] == "production.cloudflare.docker.com"
+           and e["status"] == "200"]
     for layer in blobs:
         hexd = layer.digest.split(":", 1)[1]
         assert any(hexd in e["path"] for e in cdn), f"no CDN download of {layer.digest} logged"

@@ -26,9 +26,8 @@ from e2erig.topology import ImageRef, Rig
 
 pytestmark = pytest.mark.e2e
 
-REGISTRIES = pytest.mark.parametrize(
-    "registry", ["hub", "quay", "intra"], ids=["dockerhub", "quay", "intranet"]
-)
+REGISTRIES = pytest.mark.parametrize("registry", ["hub", "quay", "intra"],
+                                     ids=["dockerhub", "quay", "intranet"])
 
 
 @pytest.fixture(scope="module")
@@ -88,35 +87,19 @@ def test_dockerd_env_came_from_the_dropin(dockerd: Dockerd, proxy: RunningProxy)
 
 
 @REGISTRIES
-def test_ctr_pulls_with_proxy_env(
-    rig: Rig, proxy: RunningProxy, containerd: Containerd, registry: str
-) -> None:
+def test_ctr_pulls_with_proxy_env(rig: Rig, proxy: RunningProxy, containerd: Containerd,
+                                  registry: str) -> None:
     ref = image_for(rig, registry, "containerd")
     before = len(rig.socks_text())
     env = rig.client_env(HTTPS_PROXY=proxy.http_url, HTTP_PROXY=proxy.http_url, NO_PROXY="")
-    ctr(
-        rig,
-        containerd,
-        [
-            "images",
-            "pull",
-            "--snapshotter",
-            "native",
-            "--hosts-dir",
-            str(containerd.hosts_dir),
-            ref.reference,
-        ],
-        env,
-    )
+    ctr(rig, containerd, ["images", "pull", "--snapshotter", "native",
+                          "--hosts-dir", str(containerd.hosts_dir), ref.reference], env)
     listing = ctr(rig, containerd, ["images", "ls"], env).stdout
     line = next((ln for ln in listing.splitlines() if ln.startswith(ref.reference + " ")), "")
     assert ref.digest in line, listing
     layer = ref.image.layer_digests[0]
-    blob = rig.node.run(
-        ["ctr", "-a", str(containerd.socket), "-n", "e2e", "content", "get", layer],
-        env=env,
-        text=False,
-    ).stdout
+    blob = rig.node.run(["ctr", "-a", str(containerd.socket), "-n", "e2e", "content", "get",
+                         layer], env=env, text=False).stdout
     assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer
     check_flow(rig, ref, before)
 

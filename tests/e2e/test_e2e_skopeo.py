@@ -51,9 +51,8 @@ def test_node_cannot_reach_outside_directly(rig: Rig) -> None:
 
 @pytest.mark.parametrize("side", ["http", "socks5"], ids=["connect", "socks5"])
 @pytest.mark.parametrize("registry", ["hub", "quay"], ids=["dockerhub", "quay"])
-def test_skopeo_pull_through_fwdproxy(
-    rig: Rig, proxy: RunningProxy, tmp_path: Path, side: str, registry: str
-) -> None:
+def test_skopeo_pull_through_fwdproxy(rig: Rig, proxy: RunningProxy, tmp_path: Path,
+                                      side: str, registry: str) -> None:
     ref = rig.image(f"{registry}:skopeo-{'http' if side == 'http' else 'socks'}")
     url = proxy.http_url if side == "http" else proxy.socks5_url
     env = rig.proxy_env(url)
@@ -89,28 +88,13 @@ def test_skopeo_pull_via_http_connect_upstream(
 
 
 @pytest.mark.parametrize("proxy_scheme", ["http", "socks5h", "socks4a"])
-def test_every_listener_protocol_reaches_the_hub(
-    rig: Rig, proxy: RunningProxy, proxy_scheme: str
-) -> None:
+def test_every_listener_protocol_reaches_the_hub(rig: Rig, proxy: RunningProxy,
+                                                 proxy_scheme: str) -> None:
     """One port, three protocols: curl gets Docker Hub's 401 challenge through each."""
-    got = curl(
-        rig.node,
-        [
-            "-D",
-            "-",
-            "-o",
-            "/dev/null",
-            "-w",
-            "code=%{http_code}\n",
-            "--proxy",
-            f"{proxy_scheme}://127.0.0.1:{proxy.port}",
-            "--cacert",
-            str(rig.ca.cert),
-            "https://registry-1.docker.io/v2/",
-        ],
-        rig.client_env(),
-        timeout_s=15,
-    )
+    got = curl(rig.node, ["-D", "-", "-o", "/dev/null", "-w", "code=%{http_code}\n",
+                          "--proxy", f"{proxy_scheme}://127.0.0.1:{proxy.port}",
+                          "--cacert", str(rig.ca.cert), "https://registry-1.docker.io/v2/"],
+               rig.client_env(), timeout_s=15)
     assert got.stdout.rstrip().endswith("code=401"), got.stdout
     assert 'bearer realm="https://auth.docker.io/token"' in got.stdout.lower(), got.stdout
     assert_tunnelled_host(proxy, "registry-1.docker.io")

@@ -19,64 +19,36 @@ from e2erig.topology import ImageRef, Rig
 # What each stand-in registry's pull flow looks like in nginx's access log.
 FLOW = {
     "hub": {
-        "token_host": "auth.docker.io",
-        "token_path": "/token",
-        "api_host": "registry-1.docker.io",
-        "cdn_host": "production.cloudflare.docker.com",
+        "token_host": "auth.docker.io", "token_path": "/token",
+        "api_host": "registry-1.docker.io", "cdn_host": "production.cloudflare.docker.com",
         "cdn_path": "/registry-v2/docker/registry/v2/blobs/sha256/{h2}/{hex}/data",
     },
     "quay": {
-        "token_host": "quay.io",
-        "token_path": "/v2/auth",
-        "api_host": "quay.io",
-        "cdn_host": "cdn01.quay.io",
+        "token_host": "quay.io", "token_path": "/v2/auth",
+        "api_host": "quay.io", "cdn_host": "cdn01.quay.io",
         "cdn_path": "/quayio-production-s3/sha256/{h2}/{hex}",
     },
 }
 LINE_RE = re.compile(r'^(?P<host>\S+) "(?P<method>\S+) (?P<path>\S+) [^"]*" (?P<status>\d{3}) ')
 
 
-def skopeo(
-    rig: Rig,
-    args: list[str],
-    env: dict[str, str],
-    *,
-    ns: Netns | None = None,
-    timeout_s: float = 30.0,
-    check: bool = True,
-) -> subprocess.CompletedProcess[str]:
+def skopeo(rig: Rig, args: list[str], env: dict[str, str], *, ns: Netns | None = None,
+           timeout_s: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
     """skopeo with the rig's policy file; its own deadline fires before ours."""
-    argv = [
-        "skopeo",
-        "--policy",
-        str(rig.tmp / "policy.json"),
-        "--command-timeout",
-        f"{int(timeout_s)}s",
-        *args,
-    ]
+    argv = ["skopeo", "--policy", str(rig.tmp / "policy.json"),
+            "--command-timeout", f"{int(timeout_s)}s", *args]
     return (ns or rig.node).run(argv, env=env, timeout_s=timeout_s + 10, check=check)
 
 
 def skopeo_inspect(rig: Rig, ref: ImageRef, env: dict[str, str]) -> dict[str, object]:
-    proc = skopeo(
-        rig, ["inspect", "--cert-dir", str(rig.cert_dir), f"docker://{ref.reference}"], env
-    )
+    proc = skopeo(rig, ["inspect", "--cert-dir", str(rig.cert_dir),
+                        f"docker://{ref.reference}"], env)
     return json.loads(proc.stdout)
 
 
 def skopeo_copy_to_dir(rig: Rig, ref: ImageRef, env: dict[str, str], dest: Path) -> None:
-    skopeo(
-        rig,
-        [
-            "copy",
-            "--quiet",
-            "--src-cert-dir",
-            str(rig.cert_dir),
-            f"docker://{ref.reference}",
-            f"dir:{dest}",
-        ],
-        env,
-    )
+    skopeo(rig, ["copy", "--quiet", "--src-cert-dir", str(rig.cert_dir),
+                 f"docker://{ref.reference}", f"dir:{dest}"], env)
 
 
 def verify_dir_copy(ref: ImageRef, dest: Path) -> None:
@@ -121,31 +93,18 @@ def pull_flow_problems(rig: Rig, ref: ImageRef) -> list[str]:
     hexd = layer.split(":", 1)[1]
     entries = access_entries(rig)
     missing = []
-    if not any(
-        e["host"] == flow["token_host"]
-        and e["path"].startswith(flow["token_path"])
-        and f"repository:{repo}:pull" in e["path"]
-        and e["status"] == "200"
-        for e in entries
-    ):
+    if not any(e["host"] == flow["token_host"] and e["path"].startswith(flow["token_path"])
+               and f"repository:{repo}:pull" in e["path"] and e["status"] == "200"
+               for e in entries):
         missing.append(f"token fetch for {repo} on {flow['token_host']}")
-    if not any(
-        e["host"] == flow["api_host"]
-        and e["method"] == "GET"
-        and e["path"] == f"/v2/{repo}/blobs/{layer}"
-        and e["status"] == "307"
-        and f'loc="https://{flow["cdn_host"]}/' in e["line"]
-        for e in entries
-    ):
+    if not any(e["host"] == flow["api_host"] and e["method"] == "GET"
+               and e["path"] == f"/v2/{repo}/blobs/{layer}" and e["status"] == "307"
+               and f'loc="https://{flow["cdn_host"]}/' in e["line"] for e in entries):
         missing.append(f"307 for {repo} blob {layer} on {flow['api_host']}")
     cdn_path = flow["cdn_path"].format(h2=hexd[:2], hex=hexd)
-    if not any(
-        e["host"] == flow["cdn_host"]
-        and e["method"] == "GET"
-        and e["path"].split("?", 1)[0] == cdn_path
-        and e["status"] in ("200", "206")
-        for e in entries
-    ):
+    if not any(e["host"] == flow["cdn_host"] and e["method"] == "GET"
+               and e["path"].split("?", 1)[0] == cdn_path and e["status"] in ("200", "206")
+               for e in entries):
         missing.append(f"CDN download of {layer} on {flow['cdn_host']}")
     return missing
 
@@ -157,22 +116,13 @@ def assert_pull_flow(rig: Rig, ref: ImageRef, deadline_s: float = 5.0) -> None:
     while missing and time.monotonic() < end:
         time.sleep(0.05)
         missing = pull_flow_problems(rig, ref)
-    relevant = [
-        line
-        for line in rig.access_lines()
-        if ref.repo in line or ref.image.layer_digests[0].split(":", 1)[1] in line
-    ]
-    assert not missing, f"missing from nginx access log: {missing}\nrelevant lines:\n" + "\n".join(
-        relevant
-    )
+    relevant = [line for line in rig.access_lines() if ref.repo in line
+                or ref.image.layer_digests[0].split(":", 1)[1] in line]
+    assert not missing, f"missing from nginx access log: {missing}\nrelevant lines:\n" + \
+        "\n".join(relevant)
 
 
-def curl(
-    ns: Netns, args: list[str], env: dict[str, str], *, timeout_s: float = 60.0, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    return ns.run(
-        ["curl", "-sS", "--max-time", str(int(timeout_s)), *args],
-        env=env,
-        timeout_s=timeout_s + 10,
-        check=check,
-    )
+def curl(ns: Netns, args: list[str], env: dict[str, str], *, timeout_s: float = 60.0,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    return ns.run(["curl", "-sS", "--max-time", str(int(timeout_s)), *args], env=env,
+                  timeout_s=timeout_s + 10, check=check)

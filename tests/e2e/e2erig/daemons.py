@@ -40,9 +40,8 @@ def parse_systemd_environment(text: str) -> dict[str, str]:
 def gen_file(rig: Rig, target: str, proxy_url: str, root: Path) -> str:
     """Run `fwdproxy gen TARGET --write --root ROOT` in the node and return what it wrote."""
     rig.node.run(
-        fwdproxy_argv(
-            "gen", target, "--proxy", proxy_url, "--no-detect", "--write", "--root", str(root)
-        ),
+        fwdproxy_argv("gen", target, "--proxy", proxy_url, "--no-detect", "--write",
+                      "--root", str(root)),
         env=fwdproxy_env(rig),
     )
     written = [p for p in root.rglob("*") if p.is_file()]
@@ -73,11 +72,9 @@ def start_containerd(rig: Rig) -> Containerd:
 
     wait_for("containerd socket", answers, deadline_s=30, alive=proc.dead, step_s=0.1)
     hosts_dir = base / "certs.d"
-    servers = {
-        "docker.io": "https://registry-1.docker.io",
-        "quay.io": "https://quay.io",
-        f"{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}": f"https://{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}",
-    }
+    servers = {"docker.io": "https://registry-1.docker.io", "quay.io": "https://quay.io",
+               f"{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}":
+                   f"https://{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}"}
     for name, server in servers.items():
         d = hosts_dir / name
         d.mkdir(parents=True)
@@ -88,12 +85,10 @@ def start_containerd(rig: Rig) -> Containerd:
     return Containerd(proc=proc, socket=sock, hosts_dir=hosts_dir)
 
 
-def ctr(
-    rig: Rig, cd: Containerd, args: list[str], env: dict[str, str], timeout_s: float = 60.0
-) -> subprocess.CompletedProcess[str]:
-    return rig.node.run(
-        ["ctr", "-a", str(cd.socket), "-n", "e2e", *args], env=env, timeout_s=timeout_s
-    )
+def ctr(rig: Rig, cd: Containerd, args: list[str], env: dict[str, str],
+        timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return rig.node.run(["ctr", "-a", str(cd.socket), "-n", "e2e", *args], env=env,
+                        timeout_s=timeout_s)
 
 
 # --- dockerd ----------------------------------------------------------------------------------
@@ -128,36 +123,15 @@ def start_dockerd(rig: Rig, containerd: Containerd, proxy_url: str) -> Dockerd:
         ' && mount --bind "$1" /etc/docker && shift && exec "$@"'
     )
     argv = [
-        "nsenter",
-        f"--net=/run/netns/{rig.node.name}",
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        script,
-        str(rig.node.etc_dir),
-        str(etc),
-        "dockerd",
-        "--config-file",
-        str(etc / "daemon.json"),
-        "--data-root",
-        str(base / "data"),
-        "--exec-root",
-        str(base / "exec"),
-        "--pidfile",
-        str(base / "docker.pid"),
-        "-H",
-        f"unix://{sock}",
-        "--containerd",
-        str(containerd.socket),
-        "--iptables=false",
-        "--ip-forward=false",
-        "--ip-masq=false",
-        "--bridge=none",
-        "--storage-driver=vfs",
-        "--userland-proxy=false",
+        "nsenter", f"--net=/run/netns/{rig.node.name}",
+        "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+        str(rig.node.etc_dir), str(etc),
+        "dockerd", "--config-file", str(etc / "daemon.json"),
+        "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
+        "--pidfile", str(base / "docker.pid"), "-H", f"unix://{sock}",
+        "--containerd", str(containerd.socket),
+        "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
+        "--storage-driver=vfs", "--userland-proxy=false",
     ]
     proc = rig.sup.start("dockerd", None, argv, env=env)
     host = f"unix://{sock}"
@@ -165,21 +139,17 @@ def start_dockerd(rig: Rig, containerd: Containerd, proxy_url: str) -> Dockerd:
     def answers() -> bool:
         if not sock.exists():
             return False
-        return (
-            rig.node.run(
-                ["docker", "-H", host, "version"], check=False, env=rig.client_env(), timeout_s=10
-            ).returncode
-            == 0
-        )
+        return rig.node.run(["docker", "-H", host, "version"], check=False,
+                            env=rig.client_env(), timeout_s=10).returncode == 0
 
     wait_for("dockerd socket", answers, deadline_s=60, alive=proc.dead, step_s=0.2)
     return Dockerd(proc=proc, host=host, env=env, dropin=dropin)
 
 
-def docker(
-    rig: Rig, d: Dockerd, args: list[str], timeout_s: float = 60.0
-) -> subprocess.CompletedProcess[str]:
-    return rig.node.run(["docker", "-H", d.host, *args], env=rig.client_env(), timeout_s=timeout_s)
+def docker(rig: Rig, d: Dockerd, args: list[str],
+           timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return rig.node.run(["docker", "-H", d.host, *args], env=rig.client_env(),
+                        timeout_s=timeout_s)
 
 
 # --- podman -----------------------------------------------------------------------------------
@@ -190,22 +160,9 @@ class Podman:
     config_text: str
 
     def argv(self, args: list[str]) -> list[str]:
-        return [
-            "podman",
-            "--root",
-            str(self.base / "root"),
-            "--runroot",
-            str(self.base / "run"),
-            "--tmpdir",
-            str(self.base / "libpod-tmp"),
-            "--storage-driver",
-            "vfs",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--events-backend",
-            "none",
-            *args,
-        ]
+        return ["podman", "--root", str(self.base / "root"), "--runroot", str(self.base / "run"),
+                "--tmpdir", str(self.base / "libpod-tmp"), "--storage-driver", "vfs",
+                "--cgroup-manager", "cgroupfs", "--events-backend", "none", *args]
 
 
 def setup_podman(rig: Rig, proxy_url: str) -> Podman:
@@ -216,9 +173,8 @@ def setup_podman(rig: Rig, proxy_url: str) -> Podman:
     return Podman(base=base, conf=conf, config_text=text)
 
 
-def podman(
-    rig: Rig, p: Podman, args: list[str], timeout_s: float = 60.0
-) -> subprocess.CompletedProcess[str]:
+def podman(rig: Rig, p: Podman, args: list[str],
+           timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
     # No proxy variables in the environment: podman must take them from the generated file.
     env = rig.client_env(CONTAINERS_CONF=str(p.conf))
     return rig.node.run(p.argv(args), env=env, timeout_s=timeout_s)

@@ -20,13 +20,8 @@ from pathlib import Path
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-GOARCH = {
-    "x86_64": "amd64",
-    "aarch64": "arm64",
-    "armv7l": "arm",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-}
+GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+          "s390x": "s390x"}
 
 
 def sha256_hex(data: bytes) -> str:
@@ -100,11 +95,8 @@ def make_layer(files: dict[str, bytes], *, level: int = 6) -> Layer:
 def make_image(name: str, *, extra_layers: list[Layer] | None = None) -> TestImage:
     """A one-file image whose file names the image, so every image differs."""
     marker = f"fwdproxy e2e image {name}\n".encode()
-    layers = [
-        make_layer(
-            {"etc/e2e-image": marker, "hello.txt": b"hello from " + marker},
-        )
-    ]
+    layers = [make_layer({"etc/e2e-image": marker, "hello.txt": b"hello from " + marker},
+                         )]
     layers += extra_layers or []
     arch = GOARCH.get(platform.machine(), "amd64")
     config = {
@@ -118,19 +110,13 @@ def make_image(name: str, *, extra_layers: list[Layer] | None = None) -> TestIma
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG,
-            "digest": "sha256:" + sha256_hex(config_bytes),
-            "size": len(config_bytes),
-        },
-        "layers": [
-            {"mediaType": layer.media_type, "digest": layer.digest, "size": len(layer.blob)}
-            for layer in layers
-        ],
+        "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + sha256_hex(config_bytes),
+                   "size": len(config_bytes)},
+        "layers": [{"mediaType": layer.media_type, "digest": layer.digest,
+                    "size": len(layer.blob)} for layer in layers],
     }
-    return TestImage(
-        name=name, marker=marker, layers=layers, config=config_bytes, manifest=_canonical(manifest)
-    )
+    return TestImage(name=name, marker=marker, layers=layers, config=config_bytes,
+                     manifest=_canonical(manifest))
 
 
 def bulk_layers(count: int, size: int, seed: str) -> list[Layer]:
@@ -151,14 +137,12 @@ def write_oci_layout(image: TestImage, directory: Path, tag: str) -> None:
         (blobs / sha256_hex(blob)).write_bytes(blob)
     index = {
         "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": "sha256:" + sha256_hex(image.manifest),
-                "size": len(image.manifest),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
+        "manifests": [{
+            "mediaType": OCI_MANIFEST,
+            "digest": "sha256:" + sha256_hex(image.manifest),
+            "size": len(image.manifest),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
     }
     (directory / "index.json").write_bytes(_canonical(index))
 

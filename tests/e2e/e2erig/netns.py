@@ -116,14 +116,8 @@ class Netns:
 
         return self.call(probe)
 
-    def wait_tcp(
-        self,
-        host: str,
-        port: int,
-        *,
-        deadline_s: float = 20.0,
-        alive: Callable[[], str | None] | None = None,
-    ) -> None:
+    def wait_tcp(self, host: str, port: int, *, deadline_s: float = 20.0,
+                 alive: Callable[[], str | None] | None = None) -> None:
         """Poll until host:port accepts in the namespace; `alive` reports a dead server early."""
         end = time.monotonic() + deadline_s
         last: str | None = "never tried"
@@ -167,23 +161,10 @@ class NetnsSet:
 
     def link(self, a: Netns, a_if: str, a_cidr: str, b: Netns, b_if: str, b_cidr: str) -> None:
         """A veth pair created directly inside both namespaces (never visible in the root one)."""
-        run_host(
-            [
-                "ip",
-                "link",
-                "add",
-                a_if,
-                "netns",
-                a.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                b_if,
-                "netns",
-                b.name,
-            ]
-        )
+        run_host([
+            "ip", "link", "add", a_if, "netns", a.name, "type", "veth",
+            "peer", "name", b_if, "netns", b.name,
+        ])
         for ns, ifname, cidr in ((a, a_if, a_cidr), (b, b_if, b_cidr)):
             ns.ip("addr", "add", cidr, "dev", ifname)
             ns.ip("link", "set", ifname, "up")

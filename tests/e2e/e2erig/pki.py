@@ -31,25 +31,11 @@ class TestCA:
         self.cert = self.dir / "ca.crt"
         self.key = self.dir / "ca.key"
         _openssl(
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(self.key),
-            "-out",
-            str(self.cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=fwdproxy e2e test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(self.key), "-out", str(self.cert), "-days", "2",
+            "-subj", "/CN=fwdproxy e2e test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
             cwd=self.dir,
         )
 
@@ -66,36 +52,13 @@ class TestCA:
             "subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n"
         )
         _openssl(
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-            "-subj",
-            f"/CN={names[0]}",
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={names[0]}",
             cwd=self.dir,
         )
         _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(self.cert),
-            "-CAkey",
-            str(self.key),
-            "-CAcreateserial",
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-extfile",
-            str(ext),
+            "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
             cwd=self.dir,
         )
         return ServerCert(cert=cert, key=key)

@@ -12,16 +12,9 @@ import pytest
 
 # binary -> Debian package that ships it
 RIG_TOOLS = {
-    "ip": "iproute2",
-    "unshare": "util-linux",
-    "nsenter": "util-linux",
-    "openssl": "openssl",
-    "curl": "curl",
-    "getent": "libc-bin",
-    "skopeo": "skopeo",
-    "docker-registry": "docker-registry",
-    "danted": "dante-server",
-    "tinyproxy": "tinyproxy",
+    "ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux", "openssl": "openssl",
+    "curl": "curl", "getent": "libc-bin", "skopeo": "skopeo",
+    "docker-registry": "docker-registry", "danted": "dante-server", "tinyproxy": "tinyproxy",
     "nginx": "nginx-light",
 }
 
@@ -32,4 +25,5 @@ def require_tools(tools: dict[str, str]) -> None:
     missing = {tool: pkg for tool, pkg in tools.items() if shutil.which(tool) is None}
     if missing:
         pkgs = " ".join(sorted(set(missing.values())))
-        pytest.fail(f"missing {', '.join(sorted(missing))}: apt-get install {pkgs}", pytrace=False)
+        pytest.fail(f"missing {', '.join(sorted(missing))}: apt-get install {pkgs}",
+                    pytrace=False)

@@ -80,13 +80,8 @@ class Supervisor:
         cmd = ns.argv(argv) if ns is not None else list(argv)
         with log.open("ab") as fh:
             popen = subprocess.Popen(
-                cmd,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                cwd=cwd,
-                start_new_session=True,
+                cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=full_env, cwd=cwd, start_new_session=True,
             )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
@@ -108,14 +103,8 @@ class Supervisor:
         return problems
 
 
-def wait_for(
-    what: str,
-    check: Callable[[], bool],
-    *,
-    deadline_s: float = 20.0,
-    alive: Callable[[], str | None] | None = None,
-    step_s: float = 0.05,
-) -> None:
+def wait_for(what: str, check: Callable[[], bool], *, deadline_s: float = 20.0,
+             alive: Callable[[], str | None] | None = None, step_s: float = 0.05) -> None:
     """Poll `check` until it is true; raise with `what` at the deadline or if a server died."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

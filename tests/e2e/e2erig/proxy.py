@@ -73,46 +73,34 @@ class RunningProxy:
         """
         end = time.monotonic() + deadline_s
         while True:
-            found = {
-                (r.get("rule", ""), r.get("route", ""))
-                for r in self.access_records()
-                if r.get("target") == target
-            }
+            found = {(r.get("rule", ""), r.get("route", "")) for r in self.access_records()
+                     if r.get("target") == target}
             if found or time.monotonic() >= end:
                 return found
             time.sleep(0.05)
 
 
-def start_proxy(
-    rig: Rig, name: str, template: str, port: int, *, upstream: str = SOCKS_UPSTREAM, **values: str
-) -> RunningProxy:
+def start_proxy(rig: Rig, name: str, template: str, port: int, *,
+                upstream: str = SOCKS_UPSTREAM, **values: str) -> RunningProxy:
     """Render `template` for `port` and start the proxy under test with it in the node ns."""
     kind = proxy_kind()
     if kind == "tinyproxy":
         target = upstream.split("://", 1)[1]
-        sites = (
-            [""] if "blanket" in template else [".docker.io", ".docker.com", "quay.io", ".quay.io"]
-        )
-        lines = [
-            f'Upstream socks5 {target} "{site}"' if site else f"Upstream socks5 {target}"
-            for site in sites
-        ]
+        sites = [""] if "blanket" in template else [".docker.io", ".docker.com", "quay.io",
+                                                      ".quay.io"]
+        lines = [f'Upstream socks5 {target} "{site}"' if site else f"Upstream socks5 {target}"
+                 for site in sites]
         conf = render(
-            "tinyproxy-standin.conf",
-            rig.tmp / f"{name}.conf",
-            PORT=str(port),
-            LOG=str(rig.logs / f"{name}-access.log"),
-            PID=str(rig.tmp / f"{name}.pid"),
+            "tinyproxy-standin.conf", rig.tmp / f"{name}.conf", PORT=str(port),
+            LOG=str(rig.logs / f"{name}-access.log"), PID=str(rig.tmp / f"{name}.pid"),
             UPSTREAMS="\n".join(lines),
         )
         proc = rig.sup.start(name, rig.node, ["tinyproxy", "-d", "-c", str(conf)])
     else:
-        conf = render(
-            template, rig.tmp / f"{name}.yaml", PORT=str(port), UPSTREAM=upstream, **values
-        )
+        conf = render(template, rig.tmp / f"{name}.yaml", PORT=str(port), UPSTREAM=upstream,
+                      **values)
         proc = rig.sup.start(
-            name,
-            rig.node,
+            name, rig.node,
             fwdproxy_argv("serve", "-c", str(conf), "--listen", f"127.0.0.1:{port}"),
             env=fwdproxy_env(rig),
         )

@@ -47,12 +47,8 @@ HTTP_UPSTREAM_PORT = 8888
 PROXY_PORT = 3128
 BACKEND_ADDR = "127.0.0.1:5000"
 
-HUB_NAMES = (
-    "registry-1.docker.io",
-    "index.docker.io",
-    "auth.docker.io",
-    "production.cloudflare.docker.com",
-)
+HUB_NAMES = ("registry-1.docker.io", "index.docker.io", "auth.docker.io",
+             "production.cloudflare.docker.com")
 QUAY_NAMES = ("quay.io", "cdn01.quay.io")
 PUBLIC_NAMES = HUB_NAMES + QUAY_NAMES
 INTRA_REGISTRY = "registry.intranet.test"
@@ -65,16 +61,8 @@ BULK_COUNT = 8
 BULK_SIZE = 4 * 1024 * 1024 + 4096
 
 # Every image differs (its one file names it), so no pull can be answered from another's cache.
-HUB_IMAGES = (
-    "skopeo-http",
-    "skopeo-socks",
-    "skopeo-upstream-http",
-    "docker",
-    "containerd",
-    "podman",
-    "cache",
-    "failure",
-)
+HUB_IMAGES = ("skopeo-http", "skopeo-socks", "skopeo-upstream-http", "docker", "containerd",
+              "podman", "cache", "failure")
 QUAY_IMAGES = ("skopeo-http", "skopeo-socks", "docker", "containerd", "podman")
 # `fwdproxy discover` pulls each registry's probe repository from fwdproxy's own catalog.
 CATALOG = REPO_ROOT / "fwdproxy" / "catalog.yaml"
@@ -87,18 +75,15 @@ class ImageRef:
     """Where a test image lives, as each client spells it."""
 
     registry: str  # "hub" | "quay" | "intra"
-    repo: str  # path inside the registry, e.g. library/e2e-docker
+    repo: str      # path inside the registry, e.g. library/e2e-docker
     tag: str
     image: TestImage
 
     @property
     def reference(self) -> str:
         """Fully qualified name as users type it (docker.io/..., quay.io/...)."""
-        host = {
-            "hub": "docker.io",
-            "quay": "quay.io",
-            "intra": f"{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}",
-        }[self.registry]
+        host = {"hub": "docker.io", "quay": "quay.io",
+                "intra": f"{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}"}[self.registry]
         return f"{host}/{self.repo}:{self.tag}"
 
     @property
@@ -157,11 +142,8 @@ class Rig:
         """What a user exports for a Go client: HTTPS_PROXY matters (HTTP_PROXY is not used for
         https:// since Go 1.16), plus the test CA as the system trust store."""
         return self.client_env(
-            HTTPS_PROXY=proxy_url,
-            HTTP_PROXY=proxy_url,
-            NO_PROXY="",
-            SSL_CERT_FILE=str(self.ca.cert),
-            **extra,
+            HTTPS_PROXY=proxy_url, HTTP_PROXY=proxy_url, NO_PROXY="",
+            SSL_CERT_FILE=str(self.ca.cert), **extra,
         )
 
     # --- build ----------------------------------------------------------------------------
@@ -180,12 +162,10 @@ class Rig:
         self.intra = self.nets.add("intra", hosts={INTRA_REGISTRY: INTRA_IP, INTRA_WEB: INTRA_IP})
         # The node's "intranet DNS" knows the internal names and nothing public.
         self.node = self.nets.add("node", hosts={INTRA_REGISTRY: INTRA_IP, INTRA_WEB: INTRA_IP})
-        self.nets.link(
-            self.node, "to-gw", f"{NODE_GW_IP}/24", self.gw, "to-node", f"{GW_NODE_IP}/24"
-        )
-        self.nets.link(
-            self.node, "to-intra", f"{NODE_INTRA_IP}/24", self.intra, "to-node", f"{INTRA_IP}/24"
-        )
+        self.nets.link(self.node, "to-gw", f"{NODE_GW_IP}/24",
+                       self.gw, "to-node", f"{GW_NODE_IP}/24")
+        self.nets.link(self.node, "to-intra", f"{NODE_INTRA_IP}/24",
+                       self.intra, "to-node", f"{INTRA_IP}/24")
         self.nets.link(self.gw, "to-out", f"{GW_OUT_IP}/24", self.out, "to-gw", f"{OUT_IP}/24")
         (self.tmp / "registries.conf").write_text(
             'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
@@ -203,14 +183,12 @@ class Rig:
         self.cert_dir.mkdir()
         shutil.copy(self.ca.cert, self.cert_dir / "ca.crt")
 
-    def _registry(
-        self, name: str, ns: Netns, addr: str, extra: str = "", env: dict[str, str] | None = None
-    ) -> tuple[Proc, Path]:
+    def _registry(self, name: str, ns: Netns, addr: str, extra: str = "",
+                  env: dict[str, str] | None = None) -> tuple[Proc, Path]:
         storage = self.tmp / f"{name}-storage"
         storage.mkdir()
-        conf = render(
-            "registry.yml", self.tmp / f"{name}.yml", STORAGE=str(storage), ADDR=addr, EXTRA=extra
-        )
+        conf = render("registry.yml", self.tmp / f"{name}.yml", STORAGE=str(storage), ADDR=addr,
+                      EXTRA=extra)
         proc = self.sup.start(name, ns, ["docker-registry", "serve", str(conf)], env=env)
         host, port = addr.rsplit(":", 1)
         ns.wait_tcp(host, int(port), alive=proc.dead)
@@ -222,85 +200,53 @@ class Rig:
         run = self.tmp / "nginx"
         run.mkdir()
         conf = render(
-            "nginx.conf",
-            run / "nginx.conf",
-            RUN=str(run),
-            ACCESS_LOG=str(self.access_log),
-            CERT=str(self.public_cert.cert),
-            KEY=str(self.public_cert.key),
-            IP=OUT_IP,
-            BACKEND=BACKEND_ADDR,
-            STORAGE=str(storage),
+            "nginx.conf", run / "nginx.conf", RUN=str(run), ACCESS_LOG=str(self.access_log),
+            CERT=str(self.public_cert.cert), KEY=str(self.public_cert.key), IP=OUT_IP,
+            BACKEND=BACKEND_ADDR, STORAGE=str(storage),
         )
         self.nginx = self.sup.start(
-            "nginx",
-            self.out,
-            [
-                "nginx",
-                "-p",
-                str(run),
-                "-c",
-                str(conf),
-                "-e",
-                str(self.logs / "nginx-error.log"),
-                "-g",
-                "daemon off;",
-            ],
+            "nginx", self.out,
+            ["nginx", "-p", str(run), "-c", str(conf), "-e", str(self.logs / "nginx-error.log"),
+             "-g", "daemon off;"],
         )
         self.out.wait_tcp(OUT_IP, 443, alive=self.nginx.dead)
 
     def _intranet(self) -> None:
-        tls = f"  tls:\n    certificate: {self.intra_cert.cert}\n    key: {self.intra_cert.key}\n"
-        self._registry(
-            "registry-intranet", self.intra, f"{INTRA_IP}:{INTRA_REGISTRY_PORT}", extra=tls
+        tls = (
+            "  tls:\n"
+            f"    certificate: {self.intra_cert.cert}\n"
+            f"    key: {self.intra_cert.key}\n"
         )
+        self._registry("registry-intranet", self.intra, f"{INTRA_IP}:{INTRA_REGISTRY_PORT}",
+                       extra=tls)
         self.web_root = self.tmp / "intranet-web"
         self.web_root.mkdir()
         (self.web_root / "index.txt").write_text("intranet says hello\n")
         self.intranet_blob = self.web_root / "blob.bin"
         self.intranet_blob.write_bytes(random.Random("intranet").randbytes(1024 * 1024))
         self.intra_web = self.sup.start(
-            "intranet-web",
-            self.intra,
-            [
-                sys.executable,
-                "-m",
-                "http.server",
-                "80",
-                "--bind",
-                INTRA_IP,
-                "--directory",
-                str(self.web_root),
-            ],
+            "intranet-web", self.intra,
+            [sys.executable, "-m", "http.server", "80", "--bind", INTRA_IP,
+             "--directory", str(self.web_root)],
         )
         self.intra.wait_tcp(INTRA_IP, 80, alive=self.intra_web.dead)
 
     def _gateway(self) -> None:
         self.start_socks()
         conf = render(
-            "tinyproxy.conf",
-            self.tmp / "tinyproxy-gw.conf",
-            PORT=str(HTTP_UPSTREAM_PORT),
-            LISTEN=GW_NODE_IP,
-            LOG=str(self.logs / "tinyproxy-gw-access.log"),
-            PID=str(self.tmp / "tinyproxy-gw.pid"),
-            ALLOW="10.77.1.0/24",
-            UPSTREAMS="",
+            "tinyproxy.conf", self.tmp / "tinyproxy-gw.conf", PORT=str(HTTP_UPSTREAM_PORT),
+            LISTEN=GW_NODE_IP, LOG=str(self.logs / "tinyproxy-gw-access.log"),
+            PID=str(self.tmp / "tinyproxy-gw.pid"), ALLOW="10.77.1.0/24", UPSTREAMS="",
         )
-        self.http_upstream = self.sup.start(
-            "tinyproxy-gw", self.gw, ["tinyproxy", "-d", "-c", str(conf)]
-        )
+        self.http_upstream = self.sup.start("tinyproxy-gw", self.gw,
+                                            ["tinyproxy", "-d", "-c", str(conf)])
         self.gw.wait_tcp(GW_NODE_IP, HTTP_UPSTREAM_PORT, alive=self.http_upstream.dead)
 
     def start_socks(self) -> None:
         """Start (or restart) danted; its log keeps growing across restarts."""
         conf = render(
-            "danted.conf",
-            self.tmp / "danted.conf",
-            LOG=str(self.socks_log),
-            INTERNAL_IP=GW_NODE_IP,
-            PORT=str(SOCKS_PORT),
-            EXTERNAL_IP=GW_OUT_IP,
+            "danted.conf", self.tmp / "danted.conf", LOG=str(self.socks_log),
+            INTERNAL_IP=GW_NODE_IP, PORT=str(SOCKS_PORT), EXTERNAL_IP=GW_OUT_IP,
             CLIENT_NET="10.77.1.0/24",
         )
         self.socks = self.sup.start(
@@ -320,23 +266,19 @@ class Rig:
     def _images(self) -> None:
         """Build and push every test image; `image("hub:docker")` finds them by key."""
         for name in HUB_IMAGES:
-            self.images[f"hub:{name}"] = ImageRef(
-                "hub", f"library/e2e-{name}", "v1", make_image(f"hub-{name}")
-            )
+            self.images[f"hub:{name}"] = ImageRef("hub", f"library/e2e-{name}", "v1",
+                                                  make_image(f"hub-{name}"))
         for name in QUAY_IMAGES:
-            self.images[f"quay:{name}"] = ImageRef(
-                "quay", f"fwdproxy/e2e-{name}", "v1", make_image(f"quay-{name}")
-            )
+            self.images[f"quay:{name}"] = ImageRef("quay", f"fwdproxy/e2e-{name}", "v1",
+                                                   make_image(f"quay-{name}"))
         for name in INTRA_IMAGES:
-            self.images[f"intra:{name}"] = ImageRef(
-                "intra", f"e2e/{name}", "v1", make_image(f"intra-{name}")
-            )
+            self.images[f"intra:{name}"] = ImageRef("intra", f"e2e/{name}", "v1",
+                                                    make_image(f"intra-{name}"))
         bulk = make_image("hub-bulk", extra_layers=bulk_layers(BULK_COUNT, BULK_SIZE, "bulk"))
         self.images["hub:bulk"] = ImageRef("hub", "library/e2e-bulk", "v1", bulk)
         for registry, repo in catalog_probes().items():
-            self.images[f"{registry}:probe"] = ImageRef(
-                registry, repo, "latest", make_image(f"{registry}-probe")
-            )
+            self.images[f"{registry}:probe"] = ImageRef(registry, repo, "latest",
+                                                        make_image(f"{registry}-probe"))
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(self._push, self.images.values()))
 
@@ -349,20 +291,10 @@ class Rig:
         else:
             ns, dest = self.out, BACKEND_ADDR
         ns.run(
-            [
-                "skopeo",
-                "--policy",
-                str(self.tmp / "policy.json"),
-                "copy",
-                "--quiet",
-                "--format",
-                "v2s2",  # Docker schema 2, what Docker Hub serves
-                "--dest-tls-verify=false",
-                "--digestfile",
-                str(digest_file),
-                f"oci:{layout}:{ref.tag}",
-                f"docker://{dest}/{ref.repo}:{ref.tag}",
-            ],
+            ["skopeo", "--policy", str(self.tmp / "policy.json"), "copy", "--quiet",
+             "--format", "v2s2",  # Docker schema 2, what Docker Hub serves
+             "--dest-tls-verify=false", "--digestfile", str(digest_file),
+             f"oci:{layout}:{ref.tag}", f"docker://{dest}/{ref.repo}:{ref.tag}"],
             env=self.client_env(),
         )
         ref.image.pushed_digests[ref.registry] = digest_file.read_text().strip()
@@ -405,3 +337,4 @@ def catalog_probes() -> dict[str, str]:
         if isinstance(probe, str) and probe:
             probes[registry] = probe
     return probes
+
