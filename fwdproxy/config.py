@@ -7,6 +7,7 @@ so an operator fixes a file in one edit instead of one error per restart.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import ipaddress
 import os
 import re
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
-from fwdproxy.core.addr import AddressError, normalise_host, split_host_port
+from fwdproxy.core.addr import MAX_HOST_LEN, AddressError, normalise_host, split_host_port
 from fwdproxy.core.errors import ConfigError
-from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec
+from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec, compile_regex
 from fwdproxy.yamlsrc import LineDict, line_of, load_yaml
 
 DEFAULT_LISTEN: Final = "127.0.0.1:3128"
@@ -333,6 +334,20 @@ _RULE_KEYS: Final = {"name", "action", "via", "port", *("domain", "suffix", "glo
 }
 
 
+# A name exactly as normalise_host returns it (its label rule, last label starting with a
+# letter so that it cannot be an IP spelling): big domain lists are mostly such names, and
+# one regex match is much cheaper than normalising each again.
+_NORMAL_NAME: Final = re.compile(
+    r"(?:[a-z0-9_*](?:[a-z0-9_*-]{0,61}[a-z0-9_*])?\.)*[a-z](?:[a-z0-9_*-]{0,61}[a-z0-9_*])?"
+)
+
+
+def _fresh(s: str) -> str:
+    """A new string equal to s. Rules outlive the parsed YAML: if they kept the parser's own
+    string objects, those would pin the memory of the whole parsed file after a big load."""
+    return s[:1] + s[1:] if len(s) > 1 else s
+
+
 def _norm_names(values: list[Any], line: int | None, where: str, p: _Problems) -> tuple[str, ...]:
     out = []
     for v in values:
@@ -342,6 +357,9 @@ def _norm_names(values: list[Any], line: int | None, where: str, p: _Problems) -
             lead, s = "*.", s[2:]
         elif s.startswith("."):
             lead, s = ".", s[1:]
+        if len(s) <= MAX_HOST_LEN and _NORMAL_NAME.fullmatch(s):
+            out.append(lead + s if lead else _fresh(s))
+            continue
         try:
             out.append(lead + normalise_host(s))
         except AddressError as e:
@@ -349,41 +367,51 @@ def _norm_names(values: list[Any], line: int | None, where: str, p: _Problems) -
     return tuple(out)
 
 
-def _parse_rule(
-    i: int, raw: Any, line: int | None, ctx: _RuleContext, p: _Problems
-) -> RuleSpec | None:
-    where = f"rules[{i}]"
-    if not isinstance(raw, dict):
-        p.add(line, where, "each rule is a mapping such as {suffix: docker.io, via: tunnel}")
-        return None
-    unknown = set(raw) - _RULE_KEYS
-    if unknown:
-        p.add(
-            line,
-            where,
-            f"unknown keys {sorted(unknown)}; matchers: domain, suffix, glob, "
-            "regex, cidr, registries, port",
-        )
-    act = _parse_action(raw, line, where, ctx.upstreams, p)
-    fields: dict[str, Any] = {}
-    for key in ("domain", "suffix"):
-        fields[key] = _norm_names(_as_list(raw.get(key)), line_of(raw, key), f"{where}.{key}", p)
-    fields["glob"] = tuple(str(g).lower().rstrip(".") for g in _as_list(raw.get("glob")))
-    regexes = []
-    for r in _as_list(raw.get("regex")):
-        try:
-            re.compile(str(r))
-            regexes.append(str(r))
-        except re.error as e:
-            p.add(line_of(raw, "regex"), f"{where}.regex", f"invalid regex {r!r}: {e}")
-    fields["regex"] = tuple(regexes)
-    cidrs = []
-    for c in _as_list(raw.get("cidr")):
-        try:
-            cidrs.append(str(ipaddress.ip_network(str(c), strict=False)))
-        except ValueError as e:
-            p.add(line_of(raw, "cidr"), f"{where}.cidr", str(e))
-    fields["cidr"] = tuple(cidrs)
+_Matchers = tuple[
+    tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]
+]
+
+
+def _items(value: Any) -> list[Any]:
+    """Like _as_list, without copying a list: 100k short-lived copies fragment memory."""
+    return value if isinstance(value, list) else _as_list(value)
+
+
+def _rule_matchers(
+    raw: Mapping[str, Any], where: str, ctx: _RuleContext, p: _Problems
+) -> _Matchers:
+    """(domain, suffix, glob, regex, cidr) of one rule, validated; absent keys cost nothing."""
+    domain = suffix = glob = regex = cidr = ()
+    if "domain" in raw:
+        domain = _norm_names(_items(raw["domain"]), line_of(raw, "domain"), f"{where}.domain", p)
+    if "suffix" in raw:
+        suffix = _norm_names(_items(raw["suffix"]), line_of(raw, "suffix"), f"{where}.suffix", p)
+    if "glob" in raw:
+        glob = tuple(str(g).lower().rstrip(".") for g in _items(raw["glob"]))
+    if "regex" in raw:
+        regexes = []
+        for r in _items(raw["regex"]):
+            try:
+                text = _fresh(str(r))
+                ctx.compiled[text] = compile_regex(text)  # compiled once: the router reuses it
+                regexes.append(text)
+            except re.error as e:
+                p.add(line_of(raw, "regex"), f"{where}.regex", f"invalid regex {r!r}: {e}")
+        regex = tuple(regexes)
+    if "cidr" in raw:
+        cidrs = []
+        for c in _items(raw["cidr"]):
+            try:
+                cidrs.append(str(ipaddress.ip_network(str(c), strict=False)))
+            except ValueError as e:
+                p.add(line_of(raw, "cidr"), f"{where}.cidr", str(e))
+        cidr = tuple(cidrs)
+    return domain, suffix, glob, regex, cidr
+
+
+def _rule_registries(
+    raw: Mapping[str, Any], where: str, ctx: _RuleContext, p: _Problems
+) -> tuple[str, ...]:
     regs = _as_list(raw.get("registries"))
     for r in regs:
         if not isinstance(r, str):
@@ -394,8 +422,29 @@ def _parse_rule(
                 f"{where}.registries",
                 f"unknown registry {r!r}; known: all, " + ", ".join(sorted(ctx.catalog)),
             )
-    fields["registries"] = tuple(r for r in regs if isinstance(r, str))
-    ports = _parse_ports(raw.get("port"), line_of(raw, "port"), f"{where}.port", p)
+    return tuple(r for r in regs if isinstance(r, str))
+
+
+def _parse_rule(
+    i: int, raw: Any, line: int | None, ctx: _RuleContext, p: _Problems
+) -> RuleSpec | None:
+    where = f"rules[{i}]"
+    if not isinstance(raw, dict):
+        p.add(line, where, "each rule is a mapping such as {suffix: docker.io, via: tunnel}")
+        return None
+    if not raw.keys() <= _RULE_KEYS:
+        p.add(
+            line,
+            where,
+            f"unknown keys {sorted(set(raw) - _RULE_KEYS)}; matchers: domain, suffix, glob, "
+            "regex, cidr, registries, port",
+        )
+    act = _parse_action(raw, line, where, ctx.upstreams, p)
+    domain, suffix, glob, regex, cidr = _rule_matchers(raw, where, ctx, p)
+    registries = _rule_registries(raw, where, ctx, p) if "registries" in raw else ()
+    ports = (
+        _parse_ports(raw["port"], line_of(raw, "port"), f"{where}.port", p) if "port" in raw else ()
+    )
     if act is None:
         return None
     spec = RuleSpec(
@@ -405,9 +454,14 @@ def _parse_rule(
         name=raw.get("name"),
         line=line,
         ports=tuple(ports),
-        **fields,
+        domain=domain,
+        suffix=suffix,
+        glob=glob,
+        regex=regex,
+        cidr=cidr,
+        registries=registries,
     )
-    if not spec.has_host_matcher and not spec.ports and not (set(raw) & set(HOST_KINDS)):
+    if not spec.has_host_matcher and not spec.ports and not (raw.keys() & _HOST_KINDS):
         p.add(
             line,
             where,
@@ -418,10 +472,14 @@ def _parse_rule(
     return spec
 
 
+_HOST_KINDS: Final = frozenset(HOST_KINDS)
+
+
 @dataclass
 class _RuleContext:
     upstreams: Mapping[str, UpstreamGroup]
     catalog: Mapping[str, Any]
+    compiled: dict[str, re.Pattern[str]] = field(default_factory=dict)
 
 
 def _parse_default(
@@ -691,7 +749,7 @@ def parse_config(
         path=path,
         listeners=listeners,
         upstreams=upstreams,
-        router=Router(specs, default, catalog),
+        router=Router(specs, default, catalog, compiled=ctx.compiled),
         hosts=_parse_hosts(data.get("hosts"), p),
         limits=_parse_limits(data.get("limits"), p),
         users=users,
@@ -781,17 +839,30 @@ def load_config(
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{p}: cannot read config: {e.strerror or e}"]) from None
+    # A big rule file allocates millions of objects that all stay alive until the Router is
+    # built: with the cyclic GC on, each generation-0 overflow rescans the growing heap, which
+    # made loading 100k rules several times slower. Nothing here creates garbage cycles.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        data = load_yaml(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        problem = getattr(e, "problem", None) or str(e)
-        hint = _yaml_hint(text, mark.line if mark is not None else None)
-        raise ConfigError([f"{loc}: YAML syntax error: {problem}{hint}"]) from None
-    cfg = parse_config(
-        data, str(p), upstream_override=upstream_override, listen_override=listen_override, env=env
-    )
+        try:
+            data = load_yaml(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            problem = getattr(e, "problem", None) or str(e)
+            hint = _yaml_hint(text, mark.line if mark is not None else None)
+            raise ConfigError([f"{loc}: YAML syntax error: {problem}{hint}"]) from None
+        cfg = parse_config(
+            data,
+            str(p),
+            upstream_override=upstream_override,
+            listen_override=listen_override,
+            env=env,
+        )
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     import hashlib
 
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,27 +1,64 @@
 """The rule engine (pure): compiled once per config load, first match wins, explains itself.
 
-Rules are compiled into lookup tables instead of being scanned: exact names and suffixes are
-dict lookups per label of the host (a host has few labels, a config may have 100k rules), CIDRs
-are one dict per prefix length, globs are bucketed by their literal tail so only the globs that
-could match a host are tried. Each table holds, per key, the matching rule indices in ascending
-order; the lowest index whose port filter accepts the port wins, which is exactly "first match
-wins" over the original list.
+Rules are compiled into lookup tables instead of being scanned, so a decision costs about the
+same with 10 or 100,000 rules: exact names and suffixes are dict lookups per parent name of the
+host (a host has few labels), CIDRs are one dict per prefix length, and globs and regexes are
+indexed by their literal text (see patterns.py) so that only the few that could match a host
+are run. Each table holds, per key, entries in rule order; the lowest rule index whose port
+filter accepts the port wins, which is exactly "first match wins" over the original list.
+
+`Router.decide` is total over strings: hosts not in normalised form go through
+addr.normalise_host first, and anything that is not a host name or an IP literal raises
+AddressError (a ValueError), never anything else.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
+
+from fwdproxy.core.addr import MAX_HOST_LEN, AddressError, normalise_host
+from fwdproxy.patterns import (
+    Item,
+    PatternSet,
+    compile_glob,
+    glob_affixes,
+    glob_runs,
+    label_key,
+    longest,
+    regex_affixes,
+    regex_runs,
+)
 
 ACTIONS: Final = ("direct", "reject", "via")
 HOST_KINDS: Final = ("domain", "suffix", "glob", "regex", "cidr", "registries")
 _INF: Final = 1 << 62
-_IPV4_CHARS: Final = frozenset("0123456789.")
+# A name already in normalise_host's output form whose last label starts with a letter, so it
+# can be neither a dotted quad nor an inet_aton spelling (`0x7f.1`): routed without re-checking.
+_PLAIN_NAME: Final = re.compile(r"(?:[a-z0-9_*-]+\.)*[a-z][a-z0-9_*-]*")
+
+__all__ = [
+    "ACTIONS",
+    "HOST_KINDS",
+    "AddressError",
+    "Decision",
+    "Router",
+    "RuleSpec",
+    "compile_regex",
+]
+
+
+def compile_regex(pattern: str) -> re.Pattern[str]:
+    """A rule regex as the router runs it (full match, case-insensitive); raises re.error.
+
+    ASCII mode: hosts are ASCII by the time they are matched (IDNA), and Unicode case folding
+    makes compiling a pattern with a class such as `[a-z]` several times slower.
+    """
+    return re.compile(pattern, re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,51 +119,138 @@ class Decision:
 class _Entry:
     """One matcher of one rule, with the decision it makes prebuilt (no allocation per lookup)."""
 
-    __slots__ = ("decision", "index", "matched", "ports", "registry", "role")
+    __slots__ = ("decision", "index", "ports")
 
     def __init__(
-        self, index: int, matched: str, registry: str | None = None, role: str | None = None
+        self, rule: RuleSpec, matched: str, registry: str | None = None, role: str | None = None
     ) -> None:
-        self.index = index
-        self.matched = matched
-        self.registry = registry
-        self.role = role
-        self.ports: tuple[tuple[int, int], ...] = ()
-        self.decision: Decision | None = None
+        self.index = rule.index
+        self.ports = rule.ports
+        self.decision = Decision(
+            rule.action, rule.upstream, rule.label, rule.line, matched, registry, role
+        )
 
 
-@dataclass(slots=True)
-class _Tables:
-    exact: dict[str, list[_Entry]] = field(default_factory=dict)
-    suffix: dict[str, list[_Entry]] = field(default_factory=dict)
-    subdomain: dict[str, list[_Entry]] = field(default_factory=dict)
-    globs: dict[str, list[tuple[_Entry, re.Pattern[str]]]] = field(default_factory=dict)
-    loose_globs: list[tuple[_Entry, re.Pattern[str]]] = field(default_factory=list)
-    regexes: list[tuple[_Entry, re.Pattern[str]]] = field(default_factory=list)
-    cidr4: dict[int, dict[int, list[_Entry]]] = field(default_factory=dict)
-    cidr6: dict[int, dict[int, list[_Entry]]] = field(default_factory=dict)
-    any_host: list[_Entry] = field(default_factory=list)
+Table = dict[str, "tuple[_Entry, ...]"]
+PatternKey = tuple[str, str]
 
 
-def glob_tail(pattern: str) -> str:
-    """The literal label suffix of a glob after its last wildcard label ('' if none).
+class _Builder:
+    """Collects entries per key; rules are added in index order, so every list stays sorted."""
 
-    `prod-*.s3.dualstack.*.amazonaws.com` -> `amazonaws.com`: a host can only match if it ends
-    with that suffix, so the glob is filed under it.
+    def __init__(self, catalog: Mapping[str, Any], compiled: Mapping[str, re.Pattern[str]]):
+        self.catalog = catalog
+        self.compiled = compiled
+        # Tuples from the start: lists converted afterwards would leave 100k freed lists
+        # scattered between the live tables. Keys rarely repeat, so `+=` stays cheap.
+        self.exact: Table = {}
+        self.suffix: Table = {}
+        self.subdomain: Table = {}
+        self.patterns: dict[PatternKey, list[tuple[Item, str, str, str]]] = {}
+        self.cidr: dict[int, dict[int, dict[int, tuple[_Entry, ...]]]] = {4: {}, 6: {}}
+        self.any_host: list[_Entry] = []
+
+    def add(self, rule: RuleSpec) -> None:
+        for d in rule.domain:
+            ip = _ip_value(d)
+            if ip is None:
+                _put(self.exact, d, _Entry(rule, f"domain {d}"))
+            else:  # an address written as a domain: a host route, so any spelling matches
+                _put(
+                    self.cidr[ip[0]].setdefault(32 if ip[0] == 4 else 128, {}),
+                    ip[1],
+                    _Entry(rule, f"domain {d}"),
+                )
+        for s in rule.suffix:
+            self.add_suffix(s, _Entry(rule, f"suffix {s}"))
+        for g in rule.glob:
+            self.add_glob(g, _Entry(rule, f"glob {g}"))
+        for r in rule.regex:
+            self.add_regex(r, _Entry(rule, f"regex {r}"))
+        for c in rule.cidr:
+            version, plen, value, text = _network(c)
+            _put(self.cidr[version].setdefault(plen, {}), value, _Entry(rule, f"cidr {text}"))
+        for name in rule.registries:
+            # Catalog order: user registries come first, so they win over built-in ones.
+            for reg_name in list(self.catalog) if name == "all" else [name]:
+                self.add_registry(rule, reg_name)
+        if not rule.has_host_matcher:
+            self.any_host.append(_Entry(rule, "any host"))
+
+    def add_suffix(self, s: str, entry: _Entry) -> None:
+        if s.startswith("*."):
+            s = s[1:]
+        if s.startswith("."):
+            _put(self.subdomain, s[1:], entry)
+        else:
+            _put(self.suffix, s, entry)
+
+    def add_glob(self, g: str, entry: _Entry) -> None:
+        prefix, suffix = glob_affixes(g)
+        self._add_pattern((entry, compile_glob(g)), prefix, suffix, longest(glob_runs(g)))
+
+    def add_regex(self, r: str, entry: _Entry) -> None:
+        rx = self.compiled.get(r) or compile_regex(r)
+        prefix, suffix = regex_affixes(r)
+        self._add_pattern((entry, rx.fullmatch), prefix, suffix, longest(regex_runs(r)))
+
+    def _add_pattern(self, item: Item, prefix: str, suffix: str, inner: str) -> None:
+        key = label_key(prefix, suffix)
+        self.patterns.setdefault(key, []).append((item, prefix, suffix, inner))
+
+    def add_registry(self, rule: RuleSpec, reg_name: str) -> None:
+        reg = self.catalog.get(reg_name)
+        if reg is None:
+            return
+        for h in reg.hosts:
+            entry = _Entry(rule, f"{h.kind} {h.pattern}", reg.name, h.role)
+            if h.kind == "domain":
+                _put(self.exact, h.pattern, entry)
+            elif h.kind == "suffix":
+                self.add_suffix(h.pattern, entry)
+            elif h.kind == "glob":
+                self.add_glob(h.pattern, entry)
+            elif h.kind == "regex":
+                self.add_regex(h.pattern, entry)
+
+
+def _put(table: dict[Any, tuple[_Entry, ...]], key: Any, entry: _Entry) -> None:
+    old = table.get(key)
+    table[key] = (entry,) if old is None else (*old, entry)
+
+
+_OCTET: Final = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD: Final = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
+def _network(cidr: str) -> tuple[int, int, int, str]:
+    """(version, prefix length, network as an int, canonical text) of a CIDR string."""
+    addr, _, bits = cidr.partition("/")
+    canonical_bits = bits.isdigit() and (bits == "0" or bits[0] != "0")
+    ip = _ip_value(addr) if canonical_bits and ":" not in addr else None
+    if ip is not None and int(bits) <= 32 and ip[1] & ((1 << (32 - int(bits))) - 1) == 0:
+        return 4, int(bits), ip[1], cidr  # the config's canonical IPv4 form: parsed directly
+    net = ipaddress.ip_network(cidr, strict=False)
+    return net.version, net.prefixlen, int(net.network_address), str(net)
+
+
+def _ip_value(host: str) -> tuple[int, int] | None:
+    """(4 or 6, the address as an int) for a dotted quad as normalise_host writes it, or for
+    any IPv6 literal (by value: its spelling and zone do not matter, a mapped IPv4 address
+    is that IPv4 address). Other IPv4 spellings (`0x7f.1`, `010.0.0.1`) need normalise_host.
     """
-    labels = pattern.split(".")
-    tail: list[str] = []
-    for label in reversed(labels):
-        if any(c in label for c in "*?["):
-            break
-        tail.append(label)
-    if len(tail) == len(labels):
-        tail.pop()  # no wildcard at all: still keep at least one label to test against
-    return ".".join(reversed(tail))
-
-
-def _compile_glob(pattern: str) -> re.Pattern[str]:
-    return re.compile(fnmatch.translate(pattern), re.IGNORECASE)
+    if ":" in host:
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+        mapped = ip.ipv4_mapped
+        return (6, int(ip)) if mapped is None else (4, int(mapped))
+    m = _DOTTED_QUAD.fullmatch(host)
+    if m is None:
+        return None
+    a, b, c, d = m.groups()
+    return 4, (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
 
 
 class Router:
@@ -138,128 +262,28 @@ class Router:
         default: Decision,
         catalog: Mapping[str, Any] | None = None,
         cache_size: int = 8192,
+        compiled: Mapping[str, re.Pattern[str]] | None = None,
     ) -> None:
+        """`compiled`: regexes already compiled by compile_regex (config validation), by text."""
         self.rules: tuple[RuleSpec, ...] = tuple(rules)
         self.default = default
-        self._catalog = dict(catalog or {})
-        self._t = _Tables()
-        for rule in self.rules:
-            self._add(rule)
-        self._sort()
+        b = _Builder(dict(catalog or {}), compiled or {})
+        for rule in sorted(self.rules, key=lambda r: r.index):
+            b.add(rule)
+        self._exact, self._suffix, self._subdomain = b.exact, b.suffix, b.subdomain
+        sets = {key: PatternSet(items) for key, items in b.patterns.items()}
+        self._parent_patterns = {k: ps for (kind, k), ps in sets.items() if kind == "suffix"}
+        self._first_label_patterns = {k: ps for (kind, k), ps in sets.items() if kind == "first"}
+        self._loose_patterns = sets.get(("", ""))
+        self._cidr = {v: sorted(t.items(), reverse=True) for v, t in b.cidr.items()}
+        self._any_host = tuple(b.any_host)
         self.decide = lru_cache(maxsize=cache_size)(self.decide_uncached)  # type: ignore[method-assign]
-
-    # -- compilation -------------------------------------------------------------------------
-
-    def _add(self, rule: RuleSpec) -> None:
-        t, i = self._t, rule.index
-        for d in rule.domain:
-            t.exact.setdefault(d, []).append(_Entry(i, f"domain {d}"))
-        for s in rule.suffix:
-            self._add_suffix(s, _Entry(i, f"suffix {s}"))
-        for g in rule.glob:
-            self._add_glob(g, _Entry(i, f"glob {g}"))
-        for r in rule.regex:
-            t.regexes.append((_Entry(i, f"regex {r}"), re.compile(r, re.IGNORECASE)))
-        for c in rule.cidr:
-            net = ipaddress.ip_network(c, strict=False)
-            table = t.cidr4 if net.version == 4 else t.cidr6
-            table.setdefault(net.prefixlen, {}).setdefault(int(net.network_address), []).append(
-                _Entry(i, f"cidr {net}")
-            )
-        for name in rule.registries:
-            # Catalog order: user registries come first, so they win over built-in ones.
-            names = list(self._catalog) if name == "all" else [name]
-            for reg_name in names:
-                self._add_registry(i, reg_name)
-        if not rule.has_host_matcher:
-            t.any_host.append(_Entry(i, "any host"))
-
-    def _add_suffix(self, s: str, entry: _Entry) -> None:
-        if s.startswith("*."):
-            s = s[1:]
-        if s.startswith("."):
-            self._t.subdomain.setdefault(s[1:], []).append(entry)
-        else:
-            self._t.suffix.setdefault(s, []).append(entry)
-
-    def _add_glob(self, g: str, entry: _Entry) -> None:
-        tail = glob_tail(g)
-        if tail:
-            self._t.globs.setdefault(tail, []).append((entry, _compile_glob(g)))
-        else:
-            self._t.loose_globs.append((entry, _compile_glob(g)))
-
-    def _add_registry(self, index: int, reg_name: str) -> None:
-        reg = self._catalog.get(reg_name)
-        if reg is None:
-            return
-        for h in reg.hosts:
-            entry = _Entry(index, f"{h.kind} {h.pattern}", reg.name, h.role)
-            if h.kind == "domain":
-                self._t.exact.setdefault(h.pattern, []).append(entry)
-            elif h.kind == "suffix":
-                self._add_suffix(h.pattern, entry)
-            elif h.kind == "glob":
-                self._add_glob(h.pattern, entry)
-            elif h.kind == "regex":
-                self._t.regexes.append((entry, re.compile(h.pattern, re.IGNORECASE)))
-
-    def _entries(self) -> list[_Entry]:
-        t = self._t
-        out = [
-            e for table in (t.exact, t.suffix, t.subdomain) for lst in table.values() for e in lst
-        ]
-        out += [e for glist in t.globs.values() for e, _ in glist]
-        out += [e for e, _ in t.loose_globs] + [e for e, _ in t.regexes] + t.any_host
-        out += [
-            e
-            for ct in (t.cidr4, t.cidr6)
-            for nets in ct.values()
-            for lst in nets.values()
-            for e in lst
-        ]
-        return out
-
-    def _finalise(self) -> None:
-        by_index = {r.index: r for r in self.rules}  # indices are positions in the file
-        for e in self._entries():
-            rule = by_index[e.index]
-            e.ports = rule.ports
-            e.decision = Decision(
-                action=rule.action,
-                upstream=rule.upstream,
-                rule=rule.label,
-                line=rule.line,
-                matched=e.matched,
-                registry=e.registry,
-                role=e.role,
-            )
-
-    def _sort(self) -> None:
-        self._finalise()
-        t = self._t
-        for table in (t.exact, t.suffix, t.subdomain):
-            for lst in table.values():
-                lst.sort(key=lambda e: e.index)
-        for glist in t.globs.values():
-            glist.sort(key=lambda p: p[0].index)
-        t.loose_globs.sort(key=lambda p: p[0].index)
-        t.regexes.sort(key=lambda p: p[0].index)
-        for ctable in (t.cidr4, t.cidr6):
-            for nets in ctable.values():
-                for lst in nets.values():
-                    lst.sort(key=lambda e: e.index)
-        t.any_host.sort(key=lambda e: e.index)
-        self._cidr4 = sorted(t.cidr4.items(), reverse=True)
-        self._cidr6 = sorted(t.cidr6.items(), reverse=True)
 
     # -- matching ----------------------------------------------------------------------------
     # The hot path: plain loops and local names, no allocation (entries carry their Decision).
 
     @staticmethod
-    def _first(entries: list[_Entry] | None, port: int, best: _Entry | None) -> _Entry | None:
-        if not entries:
-            return best
+    def _first(entries: Iterable[_Entry], port: int, best: _Entry | None) -> _Entry | None:
         limit = best.index if best is not None else _INF
         for e in entries:
             if e.index >= limit:
@@ -268,40 +292,20 @@ class Router:
                 return e
         return best
 
-    @staticmethod
-    def _first_pattern(
-        pats: list[tuple[_Entry, re.Pattern[str]]] | None,
-        host: str,
-        port: int,
-        best: _Entry | None,
-    ) -> _Entry | None:
-        if not pats:
-            return best
-        limit = best.index if best is not None else _INF
-        for e, rx in pats:
-            if e.index >= limit:
-                break
-            if rx.fullmatch(host) and (not e.ports or any(lo <= port <= hi for lo, hi in e.ports)):
-                return e
-        return best
-
     def _match_name(self, host: str, port: int) -> _Entry | None:
-        t = self._t
         first = self._first
-        suffix, subdomain, globs = t.suffix, t.subdomain, t.globs
+        suffix, subdomain, parents = self._suffix, self._subdomain, self._parent_patterns
         best = None
-        lst = t.exact.get(host)
+        lst = self._exact.get(host)
         if lst:
             best = first(lst, port, best)
         lst = suffix.get(host)
         if lst:
             best = first(lst, port, best)
-        if globs and host in globs:
-            best = self._first_pattern(globs[host], host, port, best)
+        dot = s_dot = host.find(".")
         s = host
-        i = s.find(".")
-        while i >= 0:  # every parent on a label boundary: a.b.c -> b.c -> c
-            s = s[i + 1 :]
+        while s_dot >= 0:  # every parent on a label boundary: a.b.c -> b.c -> c
+            s = s[s_dot + 1 :]
             lst = suffix.get(s)
             if lst:
                 best = first(lst, port, best)
@@ -309,44 +313,54 @@ class Router:
                 lst = subdomain.get(s)
                 if lst:
                     best = first(lst, port, best)
-            if globs and s in globs:
-                best = self._first_pattern(globs[s], host, port, best)
-            i = s.find(".")
-        if t.loose_globs:
-            best = self._first_pattern(t.loose_globs, host, port, best)
-        if t.regexes:
-            best = self._first_pattern(t.regexes, host, port, best)
+            if parents:
+                ps = parents.get(s)
+                if ps is not None:
+                    best = ps.first(host, port, best)
+            s_dot = s.find(".")
+        if dot > 0 and self._first_label_patterns:
+            ps = self._first_label_patterns.get(host[:dot])
+            if ps is not None:
+                best = ps.first(host, port, best)
+        if self._loose_patterns is not None:
+            best = self._loose_patterns.first(host, port, best)
         return best
 
-    def _match_ip(self, host: str, port: int) -> _Entry | None:
-        best = self._first(self._t.exact.get(host), port, None)
-        if ":" in host:
-            value, bits, table = int(ipaddress.IPv6Address(host)), 128, self._cidr6
-        else:
-            a, b, c, d = host.split(".")
-            value, bits, table = (
-                (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d),
-                32,
-                self._cidr4,
-            )
-        first = self._first
-        for plen, nets in table:
+    def _match_ip(self, version: int, value: int, port: int) -> _Entry | None:
+        best = None
+        first, bits = self._first, 32 if version == 4 else 128
+        for plen, nets in self._cidr[version]:
             shift = bits - plen
-            best = first(nets.get((value >> shift) << shift), port, best)
+            lst = nets.get((value >> shift) << shift)
+            if lst:
+                best = first(lst, port, best)
         return best
+
+    def _match(self, host: str, port: int) -> _Entry | None:
+        colon = ":" in host
+        if colon or host[-1:].isdigit():
+            ip = _ip_value(host)
+            if ip is not None:
+                return self._match_ip(ip[0], ip[1], port)
+        if not colon and len(host) <= MAX_HOST_LEN and _PLAIN_NAME.fullmatch(host):
+            return self._match_name(host, port)
+        host = normalise_host(host)  # AddressError for text that is not a host at all
+        ip = _ip_value(host)
+        if ip is None:
+            return self._match_name(host, port)
+        return self._match_ip(ip[0], ip[1], port)
 
     def decide_uncached(self, host: str, port: int) -> Decision:
-        """The decision for a normalised host (see addr.normalise_host) and port."""
-        # Normalised hosts: an IP literal is IPv6 (has ':') or dotted-decimal IPv4, nothing else.
-        if ":" in host or (host[-1:].isdigit() and _IPV4_CHARS.issuperset(host)):
-            best = self._match_ip(host, port)
-        else:
-            best = self._match_name(host, port)
-        if self._t.any_host:
-            best = self._first(self._t.any_host, port, best)
-        if best is None or best.decision is None:
-            return self.default
-        return best.decision
+        """The decision for host:port; raises AddressError (only) if host is not a host.
+
+        Hosts are expected normalised (addr.normalise_host) and take the fast path; any other
+        string is normalised here first, so `Docker.IO.`, `::ffff:10.1.2.3` or `0x7f.1` route
+        exactly like `docker.io`, `10.1.2.3` and `127.0.0.1`.
+        """
+        best = self._match(host, port)
+        if self._any_host:
+            best = self._first(self._any_host, port, best)
+        return self.default if best is None else best.decision
 
     def decide(self, host: str, port: int) -> Decision:  # replaced by a cached wrapper
         return self.decide_uncached(host, port)

@@ -628,3 +628,70 @@ def test_parse_config_never_crashes_on_arbitrary_structures(data: dict[str, Any]
         assert e.problems and all(
             isinstance(p, str) and p.startswith("test.yaml") for p in e.problems
         )
+
+
+# -- big one-line-per-rule files: the fast YAML path gives what PyYAML gives --------------------
+
+
+def _big_rules_text(extra: str = "") -> str:
+    from fwdproxy.yamlsrc import FAST_MIN_RULES
+
+    lines = ["upstreams:", "  tunnel: socks5://127.0.0.1:1080", "rules:  # big list"]
+    shapes = [
+        "  - {{domain: [h{i}.example.com], via: tunnel}}",
+        "  - {{suffix: ['s{i}.example.net', .x{i}.org], action: direct}}  # note",
+        '  - {{glob: ["edge{i}-*.cdn.example"], action: reject, name: "g{i}"}}',
+        "  - {{regex: ['^(.+\\.)?ads{i}\\d*\\.example$'], via: tunnel}}",
+        "  - {{cidr: [10.{j}.0.0/16, 'fd00:{i:x}::/32'], port: [443, '8000-8100'], via: tunnel}}",
+        "",
+        "  # a comment line",
+    ]
+    for i in range(FAST_MIN_RULES + 10):
+        lines.append(shapes[i % len(shapes)].format(i=i, j=i % 256))
+    return "\n".join(lines) + extra + "\ndefault: direct\n"
+
+
+def _with_lines(x: Any) -> Any:
+    from fwdproxy.yamlsrc import line_of
+
+    if isinstance(x, dict):
+        return [line_of(x), {k: [line_of(x, k), _with_lines(v)] for k, v in x.items()}]
+    if isinstance(x, list):
+        return [line_of(x), [[line_of(x, i), _with_lines(v)] for i, v in enumerate(x)]]
+    return x
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["", "\n  - {domain: [yes], via: tunnel}", "\n  - suffix: [block.example]\n    via: tunnel"],
+    ids=["fast", "bool-scalar-falls-back", "block-rule-falls-back"],
+)
+def test_big_rule_files_load_exactly_as_pyyaml_reads_them(extra: str) -> None:
+    import yaml
+
+    from fwdproxy import yamlsrc
+
+    text = _big_rules_text(extra)
+    fast = yamlsrc.load_yaml(text)
+    slow = yaml.load(text, Loader=yamlsrc._Loader)
+    assert fast == slow
+    assert _with_lines(fast) == _with_lines(slow)
+
+
+def test_big_rule_file_errors_keep_their_line(tmp_path: Path) -> None:
+    text = _big_rules_text().replace("h7.example.com], via: tunnel", "h7.example.com], via: tunel")
+    path = tmp_path / "rules.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    (problem,) = e.value.problems
+    line = text.splitlines().index("  - {domain: [h7.example.com], via: tunel}") + 1
+    # items 5 and 6 of the shapes are a blank and a comment line: h7 is the sixth rule
+    assert problem.startswith(f"{path}:{line}: rules[5]: via: unknown upstream 'tunel'")
+
+
+def test_big_rule_file_with_a_duplicate_key_is_refused_as_pyyaml_refuses_it() -> None:
+    from fwdproxy.yamlsrc import load_yaml
+
+    with pytest.raises(yaml.YAMLError, match="duplicate key"):
+        load_yaml(_big_rules_text("\n  - {domain: [a.example], domain: b.example}"))
