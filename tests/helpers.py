@@ -34,8 +34,8 @@ import yaml
 from aiohttp import web
 
 from fwdproxy.config import parse_config
+from fwdproxy.config.yamlsrc import load_yaml
 from fwdproxy.server import Server
-from fwdproxy.yamlsrc import load_yaml
 
 LOOPBACK = "127.0.0.1"
 TUNNEL_NAME = "localhost"

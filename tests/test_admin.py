@@ -31,9 +31,9 @@ from test_metrics import (
 
 from fwdproxy.admin.app import AdminServer
 from fwdproxy.config import Config, Listener, parse_config
+from fwdproxy.config.yamlsrc import load_yaml
 from fwdproxy.core.errors import ConfigError
 from fwdproxy.server import Server
-from fwdproxy.yamlsrc import load_yaml
 
 TOKEN = "s3cret-token"
 

@@ -21,8 +21,8 @@ from fwdproxy.config import (
     parse_config,
     parse_upstream_url,
 )
+from fwdproxy.config.yamlsrc import load_yaml
 from fwdproxy.core.errors import ConfigError
-from fwdproxy.yamlsrc import load_yaml
 
 SHIPPED = Path(__file__).resolve().parents[1] / "rules.yaml"
 MARK = "# <-"
@@ -634,7 +634,7 @@ def test_parse_config_never_crashes_on_arbitrary_structures(data: dict[str, Any]
 
 
 def _big_rules_text(extra: str = "") -> str:
-    from fwdproxy.yamlsrc import FAST_MIN_RULES
+    from fwdproxy.config.yamlsrc import FAST_MIN_RULES
 
     lines = ["upstreams:", "  tunnel: socks5://127.0.0.1:1080", "rules:  # big list"]
     shapes = [
@@ -652,7 +652,7 @@ def _big_rules_text(extra: str = "") -> str:
 
 
 def _with_lines(x: Any) -> Any:
-    from fwdproxy.yamlsrc import line_of
+    from fwdproxy.config.yamlsrc import line_of
 
     if isinstance(x, dict):
         return [line_of(x), {k: [line_of(x, k), _with_lines(v)] for k, v in x.items()}]
@@ -669,7 +669,7 @@ def _with_lines(x: Any) -> Any:
 def test_big_rule_files_load_exactly_as_pyyaml_reads_them(extra: str) -> None:
     import yaml
 
-    from fwdproxy import yamlsrc
+    from fwdproxy.config import yamlsrc
 
     text = _big_rules_text(extra)
     fast = yamlsrc.load_yaml(text)
@@ -691,7 +691,7 @@ def test_big_rule_file_errors_keep_their_line(tmp_path: Path) -> None:
 
 
 def test_big_rule_file_with_a_duplicate_key_is_refused_as_pyyaml_refuses_it() -> None:
-    from fwdproxy.yamlsrc import load_yaml
+    from fwdproxy.config.yamlsrc import load_yaml
 
     with pytest.raises(yaml.YAMLError, match="duplicate key"):
         load_yaml(_big_rules_text("\n  - {domain: [a.example], domain: b.example}"))

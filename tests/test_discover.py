@@ -33,7 +33,7 @@ from fwdproxy.cli import discover as dsc
 from fwdproxy.cli.main import main as cli_main
 from fwdproxy.config import load_config
 from fwdproxy.routing.catalog import builtin_catalog, parse_registries
-from fwdproxy.rules import Decision
+from fwdproxy.routing.rules import Decision
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -21,7 +21,7 @@ from fwdproxy.routing.imageref import ImageRefError, parse_image_ref
 
 @dataclass(frozen=True)
 class FakeDecision:
-    """Same shape as fwdproxy.rules.Decision."""
+    """Same shape as fwdproxy.routing.rules.Decision."""
 
     action: str
     upstream: str | None

@@ -33,9 +33,9 @@ LAYERS = [
 # Modules that sit directly in the package, by layer.
 TOP_LEVEL = {
     "fwdproxy": "root",
-    "fwdproxy.rules": "routing",
+    "fwdproxy.routing.rules": "routing",
     "fwdproxy.config": "config",
-    "fwdproxy.yamlsrc": "config",
+    "fwdproxy.config.yamlsrc": "config",
     "fwdproxy.server": "server",
     "fwdproxy.sdnotify": "server",
     "fwdproxy.__main__": "cli",

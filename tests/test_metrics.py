@@ -25,10 +25,10 @@ from fwdproxy import __version__
 from fwdproxy.admin.app import AdminServer
 from fwdproxy.admin.metrics import ByteLedger, ProxyMetrics, ThroughputSampler
 from fwdproxy.config import AdminSpec, Config, parse_config
+from fwdproxy.config.yamlsrc import load_yaml
 from fwdproxy.core.errors import ConfigError
 from fwdproxy.proxy.state import ConnInfo
 from fwdproxy.server import Server
-from fwdproxy.yamlsrc import load_yaml
 
 DEADLINE_S = 10.0
 
@@ -444,7 +444,7 @@ async def test_metrics_observer_is_removed_when_admin_stops(socks_port: int) -> 
 
 
 def _info(route: str | None, registry: str | None = None) -> ConnInfo:
-    from fwdproxy.rules import Decision
+    from fwdproxy.routing.rules import Decision
 
     info = ConnInfo(client="127.0.0.1:1", listener="127.0.0.1:2")
     if route is not None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fwdproxy.patterns import (
+from fwdproxy.routing.patterns import (
     GlobMatcher,
     glob_affixes,
     glob_runs,
@@ -17,7 +17,7 @@ from fwdproxy.patterns import (
     regex_affixes,
     regex_runs,
 )
-from fwdproxy.rules import compile_regex
+from fwdproxy.routing.rules import compile_regex
 
 # -- globs -------------------------------------------------------------------------------------
 

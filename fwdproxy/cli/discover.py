@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from fwdproxy.config import Config
     from fwdproxy.routing.catalog import Registry
-    from fwdproxy.rules import Decision
+    from fwdproxy.routing.rules import Decision
 
 EXIT_OK: Final = 0
 EXIT_SPLIT: Final = 1

@@ -22,7 +22,7 @@ from fwdproxy.proto.http1 import parse_basic_credentials
 
 if TYPE_CHECKING:
     from fwdproxy.config import Config, Listener
-    from fwdproxy.rules import Decision
+    from fwdproxy.routing.rules import Decision
 
 _DUMMY = hashlib.sha256(b"fwdproxy").digest()
 

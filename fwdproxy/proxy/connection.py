@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from fwdproxy.config import Config, Listener
     from fwdproxy.net.dial import Streams
     from fwdproxy.proxy.state import ServerState
-    from fwdproxy.rules import Decision
+    from fwdproxy.routing.rules import Decision
 
 logger = logging.getLogger("fwdproxy.session")
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from fwdproxy.config import Config
     from fwdproxy.net.dial import Streams
     from fwdproxy.proxy.state import ConnInfo
-    from fwdproxy.rules import Decision
+    from fwdproxy.routing.rules import Decision
 
 CHUNK = 64 * 1024
 

@@ -20,7 +20,7 @@ from fwdproxy.net.relay import Counters
 if TYPE_CHECKING:
     from fwdproxy.config import Config
     from fwdproxy.net.upstreams import UpstreamPool
-    from fwdproxy.rules import Decision
+    from fwdproxy.routing.rules import Decision
 
 _ids = itertools.count(1)
 RECENT_ERRORS = 50

@@ -17,7 +17,7 @@ from fwdproxy.routing.imageref import DEFAULT_PORT, ImageRef, parse_image_ref
 
 
 class RouteDecision(Protocol):
-    """Structural type of the rule engine's decision (fwdproxy.rules), read-only here."""
+    """Structural type of the rule engine's decision (fwdproxy.routing.rules), read-only here."""
 
     @property
     def action(self) -> str: ...  # "direct" | "reject" | "via"

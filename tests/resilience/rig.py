@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fwdproxy.config import Config, parse_config
+from fwdproxy.config.yamlsrc import load_yaml
 from fwdproxy.server import Server
-from fwdproxy.yamlsrc import load_yaml
 
 
 def free_port() -> int:

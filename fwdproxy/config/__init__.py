@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
+from fwdproxy.config.yamlsrc import LineDict, line_of, load_yaml
 from fwdproxy.core.addr import MAX_HOST_LEN, AddressError, normalise_host, split_host_port
 from fwdproxy.core.errors import ConfigError
-from fwdproxy.rules import HOST_KINDS, Decision, Router, RuleSpec, compile_regex
-from fwdproxy.yamlsrc import LineDict, line_of, load_yaml
+from fwdproxy.routing.rules import HOST_KINDS, Decision, Router, RuleSpec, compile_regex
 
 DEFAULT_LISTEN: Final = "127.0.0.1:3128"
 DEFAULT_CONFIG_NAME: Final = "rules.yaml"
@@ -381,7 +381,8 @@ def _rule_matchers(
     raw: Mapping[str, Any], where: str, ctx: _RuleContext, p: _Problems
 ) -> _Matchers:
     """(domain, suffix, glob, regex, cidr) of one rule, validated; absent keys cost nothing."""
-    domain = suffix = glob = regex = cidr = ()
+    empty: tuple[str, ...] = ()
+    domain = suffix = glob = regex = cidr = empty
     if "domain" in raw:
         domain = _norm_names(_items(raw["domain"]), line_of(raw, "domain"), f"{where}.domain", p)
     if "suffix" in raw:

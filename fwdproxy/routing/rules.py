@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 from fwdproxy.core.addr import MAX_HOST_LEN, AddressError, normalise_host
-from fwdproxy.patterns import (
+from fwdproxy.routing.patterns import (
     Item,
     PatternSet,
     compile_glob,

@@ -368,6 +368,9 @@ class PatternSet:
     """
 
     __slots__ = ("by_gram", "by_prefix", "by_suffix", "by_wide", "lowest", "rest")
+    by_prefix: tuple[tuple[int, dict[str, Any]], ...]
+    by_suffix: tuple[tuple[int, dict[str, Any]], ...]
+    rest: tuple[Any, ...]
 
     def __init__(self, items: list[tuple[Item, str, str, str]]) -> None:
         """items: (item, prefix, suffix, longest inner literal) in rule order."""
@@ -407,7 +410,7 @@ class PatternSet:
         self.by_suffix = _freeze(suffixed)
         self.by_gram = {k: tuple(v) for k, v in by_gram.items()}
         self.by_wide = {k: tuple(v) for k, v in by_wide.items()}
-        self.rest: tuple[Item, ...] = tuple(rest)
+        self.rest = tuple(rest)
 
     def first(self, host: str, port: int, best: Any) -> Any:
         """The lowest-index entry (below best's) whose pattern and ports accept host:port."""
