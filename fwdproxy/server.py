@@ -247,17 +247,11 @@ class Server:
                 info.closer()  # nothing in flight: no reason to hold the shutdown
         if conns:
             logger.info("shutting down: waiting up to %gs for %d tunnel(s)", grace, len(conns))
-            self._drained.clear()
-            if conns:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._drained.wait(), grace)
+            await self._drain(grace)
             for info in list(conns.values()):
                 if info.closer is not None:
                     info.closer()
-            if conns:
-                self._drained.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._drained.wait(), 5)
+            await self._drain(5)
         await self.state.pool.stop()
         if self.admin is not None:
             await self.admin.stop()
@@ -266,6 +260,14 @@ class Server:
                 await asyncio.wait_for(srv.wait_closed(), 1)
         ACCESS.flush()
         self._stopped.set()
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait until no connection is left (ServerState.on_empty), at most timeout_s."""
+        if not self.state.connections:
+            return
+        self._drained.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()

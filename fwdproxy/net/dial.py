@@ -87,22 +87,34 @@ class Dialed:
 
     def streams(self) -> Streams:
         """The same connection as asyncio streams (plain HTTP forwarding works on streams)."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
-        proto = asyncio.StreamReaderProtocol(reader, loop=loop)
-        t = self.transport
-        t.set_protocol(proto)
-        proto.connection_made(t)
         ib = self.inbound
-        if ib.data:
-            reader.feed_data(bytes(ib.data))
-        if ib.error is not None:
-            reader.set_exception(ib.error)
-        elif ib.eof or ib.lost:
-            reader.feed_eof()
-        if not ib.lost:
-            t.resume_reading()
-        return reader, asyncio.StreamWriter(t, proto, reader, loop)
+        return streams_over(
+            self.transport, bytes(ib.data), eof=ib.eof or ib.lost, error=ib.error
+        )
+
+
+def streams_over(
+    transport: Any, data: bytes = b"", *, eof: bool = False, error: Exception | None = None
+) -> Streams:
+    """Asyncio streams over a transport another protocol owned until now.
+
+    What that protocol had already received (`data`, then EOF or an error) is fed to the new
+    reader first, and reading is resumed in case it was paused for the hand-over.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+    proto = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport.set_protocol(proto)
+    proto.connection_made(transport)
+    if data:
+        reader.feed_data(data)
+    if error is not None:
+        reader.set_exception(error)
+    elif eof:
+        reader.feed_eof()
+    if not transport.is_closing():
+        transport.resume_reading()
+    return reader, asyncio.StreamWriter(transport, proto, reader, loop)
 
 
 def classify_os_error(e: OSError) -> tuple[Socks5Reply, str]:

@@ -31,7 +31,7 @@ from fwdproxy.core.errors import (
     socks_reply,
 )
 from fwdproxy.core.outcome import Outcome, outcome_of
-from fwdproxy.net.dial import Deadline, Dialed, dial_direct
+from fwdproxy.net.dial import Deadline, Dialed, dial_direct, streams_over
 from fwdproxy.net.relay_fast import Leftover, Tunnel, start_relay
 from fwdproxy.proto.http1 import connect_target, parse_request_head
 from fwdproxy.proto.need import NEED_DATA
@@ -141,12 +141,12 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
-        if self.feed == self._feed_sniff and not self.buf:
-            self._end(Outcome.EMPTY)
-        elif self.task is None and self.feed != self._feed_sni:
-            self._end(Outcome.CLIENT_RESET, "client closed during the handshake")
-        elif self.feed == self._feed_sni:
+        if self.feed == self._feed_sni:
             self._sni_done()  # route by what the client sent; it may be half-closing
+        elif self.feed == self._feed_sniff and not self.buf:
+            self._end(Outcome.EMPTY)
+        elif self.task is None:
+            self._end(Outcome.CLIENT_RESET, "client closed during the handshake")
         return True  # a client that half-closes after its request still gets the answer
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -348,18 +348,14 @@ class ClientConnection(asyncio.Protocol):
     def _forward(self) -> None:
         """Hand the connection to the forwarder, on streams over this transport."""
         self._stop_handshake()
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=256 * 1024, loop=loop)
-        proto = asyncio.StreamReaderProtocol(reader, loop=loop)
-        self.transport.set_protocol(proto)
-        proto.connection_made(self.transport)
-        if self.client_eof:
-            reader.feed_eof()
-        writer = asyncio.StreamWriter(self.transport, proto, reader, loop)
+        # The head is handed over as `first` (h11 parses it again); EOF goes to the reader.
+        reader, writer = streams_over(self.transport, eof=self.client_eof)
         first = bytes(self.buf)
         self.buf.clear()
         self.feed = self._feed_ignored
-        self.task = loop.create_task(self._run_forward(reader, writer, first))
+        self.task = asyncio.get_running_loop().create_task(
+            self._run_forward(reader, writer, first)
+        )
         self.task.add_done_callback(self._task_done)
 
     def _feed_ignored(self) -> None:
