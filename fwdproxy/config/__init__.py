@@ -17,6 +17,18 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
+from fwdproxy.config.mirror import (
+    CacheSpec,
+    MirrorSpec,
+    parse_cache,
+    parse_mirror,
+)
+from fwdproxy.config.mirror import (
+    MirrorListener as MirrorListener,
+)
+from fwdproxy.config.mirror import (
+    MirrorRegistry as MirrorRegistry,
+)
 from fwdproxy.config.yamlsrc import LineDict, line_of, load_yaml
 from fwdproxy.core.addr import MAX_HOST_LEN, AddressError, normalise_host, split_host_port
 from fwdproxy.core.errors import ConfigError
@@ -130,6 +142,8 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     catalog: Mapping[str, Any] = field(default_factory=dict)
+    mirror: MirrorSpec | None = None
+    cache: CacheSpec | None = None
     digest: str = ""
 
     @property
@@ -665,6 +679,8 @@ _TOP_KEYS: Final = {
     "loopback_targets",
     "sniff_tls",
     "admin",
+    "mirror",
+    "cache",
     "log",
 }
 
@@ -677,6 +693,8 @@ def parse_config(
     listen_override: list[str] | None = None,
     env: Mapping[str, str] | None = None,
     catalog_loader: Callable[[], Mapping[str, Any]] | None = None,
+    mirror_override: str | None = None,
+    cache_dir_override: str | None = None,
 ) -> Config:
     """Validate parsed YAML (with line info) into a Config; raise ConfigError with all problems."""
     env = os.environ if env is None else env
@@ -763,10 +781,41 @@ def parse_config(
         log_level=level,
         log_format=fmt,
         catalog=catalog,
+        mirror=parse_mirror(
+            _with_listen(data.get("mirror"), mirror_override), env, base, p.add,
+            line_of(data, "mirror"),
+        ),
+        cache=parse_cache(
+            _with_dir(data.get("cache"), cache_dir_override), base, p.add, line_of(data, "cache")
+        ),
     )
     if p.items:
         raise ConfigError(p.items)
     return cfg
+
+
+def _with_listen(raw: Any, listen: str | None) -> Any:
+    """`serve --mirror HOST:PORT` turns the mirror on at that address, keeping its settings."""
+    if listen is None:
+        return raw
+    if isinstance(raw, dict):
+        merged = LineDict(raw)
+        merged.key_lines = dict(getattr(raw, "key_lines", {}))
+        merged["listen"] = listen
+        return merged
+    return {"listen": listen}
+
+
+def _with_dir(raw: Any, directory: str | None) -> Any:
+    """`serve --cache-dir DIR` sets the cache directory, keeping `max_size`."""
+    if directory is None:
+        return raw
+    if isinstance(raw, dict):
+        merged = LineDict(raw)
+        merged.key_lines = dict(getattr(raw, "key_lines", {}))
+        merged["dir"] = str(Path(directory).resolve())
+        return merged
+    return {"dir": str(Path(directory).resolve())}
 
 
 def _apply_upstream_override(upstreams: dict[str, UpstreamGroup], text: str, p: _Problems) -> None:
@@ -831,6 +880,8 @@ def load_config(
     upstream_override: str | None = None,
     listen_override: list[str] | None = None,
     env: Mapping[str, str] | None = None,
+    mirror_override: str | None = None,
+    cache_dir_override: str | None = None,
 ) -> Config:
     """Read and validate a config file; raise ConfigError (with file:line) on any problem."""
     import yaml
@@ -860,6 +911,8 @@ def load_config(
             upstream_override=upstream_override,
             listen_override=listen_override,
             env=env,
+            mirror_override=mirror_override,
+            cache_dir_override=cache_dir_override,
         )
     finally:
         if gc_was_enabled:
