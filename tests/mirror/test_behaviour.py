@@ -121,7 +121,7 @@ async def test_without_a_cache_blobs_stream_verified(make_mirror: MakeMirror,
 
 async def test_stale_tag_served_when_the_upstream_is_down(make_mirror: MakeMirror,
                                                           registry: FakeRegistry) -> None:
-    m = await make_mirror(tag_ttl=0)
+    m = await make_mirror(tag_ttl=0, retries=1)
     url = f"/v2/{REPO}/manifests/v1?{ns(registry)}"
     async with await m.get(url) as r:
         assert r.status == 200 and r.headers["X-Fwdproxy-Cache"] == "miss"
