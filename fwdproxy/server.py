@@ -52,6 +52,20 @@ def check_exposure(cfg: Config, allow_any_client: bool = False) -> list[str]:
             "(allow: [CIDR, ...]) or auth: users, otherwise anyone who can reach it may use the "
             "proxy. Set allow_any_client: true (or --allow-any-client) if that is really intended."
         )
+    mirror = cfg.mirror
+    for m in mirror.listeners if mirror is not None else ():
+        if is_loopback(m.host) or m.allow or (mirror.auth and cfg.users):  # type: ignore[union-attr]
+            continue
+        if cfg.allow_any_client or allow_any_client:
+            continue
+        problems.append(
+            f"refusing to serve the registry mirror on {m.address}: a non-loopback mirror needs "
+            "an allow-list (mirror.allow: [CIDR, ...]) or mirror.auth: true with auth.users, "
+            "otherwise anyone who can reach it can make this host fetch through its tunnel. "
+            "Set allow_any_client: true (or --allow-any-client) if that is really intended."
+        )
+    if mirror is not None and mirror.auth and not cfg.users:
+        problems.append("mirror.auth: true needs users under auth.users")
     return problems
 
 

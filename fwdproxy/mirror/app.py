@@ -374,7 +374,7 @@ class Mirror:
         if request.method == "HEAD" and head.size is not None and head.media_type:
             cached_body = self._cached_manifest(head.digest)
             if cached_body is None:
-                resp = web.Response(status=200, headers=_manifest_headers(
+                resp = web.StreamResponse(status=200, headers=_manifest_headers(
                     mreq, head.digest, head.media_type, "miss"))
                 resp.content_length = head.size
                 return resp
@@ -557,8 +557,8 @@ def _blob_headers(mreq: MirrorRequest, digest: Digest, state: str) -> dict[str, 
 
 
 def _blob_head(mreq: MirrorRequest, digest: Digest, size: int | None,
-               state: str) -> web.Response:
-    resp = web.Response(status=200, headers=_blob_headers(mreq, digest, state))
+               state: str) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers=_blob_headers(mreq, digest, state))
     if size is not None:
         resp.content_length = size
     return resp
@@ -579,10 +579,10 @@ def _manifest_headers(mreq: MirrorRequest, digest: Digest, media_type: str,
 
 
 def _manifest_response(request: web.Request, mreq: MirrorRequest, digest: Digest, body: bytes,
-                       media_type: str, state: str) -> web.Response:
+                       media_type: str, state: str) -> web.StreamResponse:
     headers = _manifest_headers(mreq, digest, media_type, state)
     if request.method == "HEAD":
-        resp = web.Response(status=200, headers=headers)
+        resp = web.StreamResponse(status=200, headers=headers)
         resp.content_length = len(body)
         return resp
     return web.Response(status=200, body=body, headers=headers)

@@ -255,6 +255,11 @@ class HTTPClient:
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
+                # h11's own bound only applies while a head is incomplete; a head that
+                # arrived in one read is measured here.
+                if sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEAD_BYTES:
+                    raise FetchError(f"{url.authority} sent a response head larger than "
+                                     f"{MAX_HEAD_BYTES} bytes", retryable=False)
                 return Response(self, conn, url, event, method, timeout_s)
             raise FetchError(f"{url.authority} closed the connection without a response")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-__all__ = ["MirrorStats", "RegistryStats"]
+__all__ = ["MAX_REGISTRIES", "MirrorStats", "RegistryStats"]
 
 
 @dataclass
@@ -26,12 +26,23 @@ class RegistryStats:
     bytes_fetched: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # by route
 
 
+MAX_REGISTRIES = 256  # registry names come from clients (`ns`): bound the metric labels
+OTHER = "other"
+
+
 class MirrorStats:
     def __init__(self) -> None:
-        self.registries: dict[str, RegistryStats] = defaultdict(RegistryStats)
+        self.registries: dict[str, RegistryStats] = {}
 
     def __getitem__(self, registry: str) -> RegistryStats:
-        return self.registries[registry]
+        s = self.registries.get(registry)
+        if s is None:
+            if len(self.registries) >= MAX_REGISTRIES:
+                registry = OTHER
+                s = self.registries.get(OTHER)
+            if s is None:
+                s = self.registries[registry] = RegistryStats()
+        return s
 
     def snapshot(self) -> dict[str, object]:
         """JSON for the admin API and the dashboard."""
