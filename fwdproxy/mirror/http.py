@@ -114,9 +114,15 @@ class _Conn:
 
     async def next_event(self, timeout_s: float) -> Any:
         while True:
+            in_body = self.h11.their_state is h11.SEND_BODY
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as e:
+                if in_body and self.reader.at_eof():
+                    # h11 reports an EOF before the announced end as a protocol error; it is
+                    # a dropped connection (a tunnel cut), which a resume is made for.
+                    raise FetchError(f"upstream closed the connection before the end of the "
+                                     f"body ({e})") from None
                 raise FetchError(f"upstream sent malformed HTTP: {e}", retryable=True) from None
             if event is not h11.NEED_DATA:
                 return event

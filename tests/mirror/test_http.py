@@ -182,3 +182,18 @@ def test_url_parse_fails_only_with_fetch_error(text: str) -> None:
         URL.parse(text)
     except FetchError:
         pass
+
+
+async def test_a_body_cut_short_is_reported_as_a_closed_connection() -> None:
+    """A tunnel that drops mid-layer is a retryable break, and the log must say so: not
+    'malformed HTTP', which sends an operator looking for a broken registry."""
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"
+    async with raw_server(canned(cut, keep=False)) as (port, _):
+        c = client()
+        resp = await c.request("GET", URL.parse(f"http://127.0.0.1:{port}/x"), timeout_s=2)
+        with pytest.raises(FetchError, match="closed the connection") as info:
+            await resp.read(1000)
+        assert info.value.retryable
+        assert "malformed" not in str(info.value)
+        assert "received 5 bytes, expected 10" in str(info.value)
+        c.close()
