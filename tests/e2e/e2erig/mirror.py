@@ -88,6 +88,16 @@ class MirrorTunnel:
         if refused is None:
             raise RuntimeError("the mirror's SOCKS port still accepts after danted stopped")
 
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The tunnel is gone for the body of the `with`, and back (restarted) after it."""
+        try:
+            self.stop()
+            yield
+        finally:
+            if self.proc is None:
+                self.start()
+
     # -- counters ------------------------------------------------------------------------------
     def _iptables(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.rig.gw.run(["iptables", "-w", *args], check=check)
