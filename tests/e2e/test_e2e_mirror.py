@@ -5,6 +5,11 @@ danted of their own on the gateway, whose bytes iptables counts (e2erig.mirror).
 to the mirror only: ctr with a certs.d `_default` hosts.toml, podman and skopeo with a
 registries.conf mirror, a second dockerd with `registry-mirrors`. `tag_ttl: 0s`, so every tag
 is asked of the upstream again (a HEAD) and a tag with the tunnel down is answered stale.
+
+What crossed the tunnel is measured three ways: iptables byte counters on the mirror's SOCKS
+port in the gateway (every IP byte, both directions), the stand-in's nginx access log (each
+CDN download of a blob, with the bytes sent), and the mirror's own log (hit/miss/coalesced/
+stale per request, resumes, verification failures).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from e2erig.daemons import (
     start_containerd,
     start_dockerd,
 )
-from e2erig.images import bulk_layers, make_image
+from e2erig.images import TestImage, bulk_layers, make_image
 from e2erig.mirror import (
     MIRROR_URL,
     MirrorTunnel,
@@ -62,8 +67,8 @@ def _repo(registry: str, name: str) -> str:
     return f"library/e2e-{name}" if registry == "hub" else f"fwdproxy/e2e-{name}"
 
 
-def _ref(registry: str, name: str, image: object) -> ImageRef:
-    return ImageRef(registry, _repo(registry, name), "v1", image)  # type: ignore[arg-type]
+def _ref(registry: str, name: str, image: TestImage) -> ImageRef:
+    return ImageRef(registry, _repo(registry, name), "v1", image)
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +147,21 @@ def cdn_gets(rig: Rig, digest: str) -> list[dict[str, str]]:
             and hexd in e["path"] and e["status"] in ("200", "206")]
 
 
+def headers_of(text: str) -> dict[str, str]:
+    """The header fields of a `curl -I` / `curl -D -` answer, names lower-cased."""
+    assert text.startswith("HTTP/1.1 "), text
+    return {k.strip().lower(): v.strip() for k, _, v in
+            (ln.partition(":") for ln in text.splitlines()[1:] if ":" in ln)}
+
+
 def sent_bytes(entry: dict[str, str]) -> int:
     """nginx's $body_bytes_sent, the field after the status."""
     return int(entry["line"].split('" ', 1)[1].split()[1])
 
 
 def wait_cdn_gets(rig: Rig, digest: str, n: int) -> list[dict[str, str]]:
-    """nginx logs a request when it ends: wait (bounded) for `n` lines, then a moment's more
-    lines would still show up in the caller's equality check."""
+    """The CDN lines for `digest` once there are `n` (nginx logs a request when it has ended),
+    or what there is after 5 s."""
     end = time.monotonic() + 5
     got = cdn_gets(rig, digest)
     while len(got) < n and time.monotonic() < end:
@@ -164,7 +176,7 @@ def skopeo_copy_argv(rig: Rig, env: dict[str, str], src: str, dest: Path) -> lis
             f"dir:{dest}"]
 
 
-def skopeo_copy(rig: Rig, env: dict[str, str], src: str, dest: Path, *, timeout_s: float = 60,
+def skopeo_copy(rig: Rig, env: dict[str, str], src: str, dest: Path, *, timeout_s: float = 100,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
     return rig.node.run(skopeo_copy_argv(rig, env, src, dest), env=env, timeout_s=timeout_s,
                         check=check)
@@ -323,6 +335,14 @@ def test_second_pull_and_other_registry_cost_no_blob_bytes(
               if s["what"].endswith("@" + big)}
     assert states == {("docker.io/library/e2e-mirror-shared", "hit"),
                       ("quay.io/fwdproxy/e2e-mirror-shared", "hit")}, states
+    # The same answer as containerd would get it (?ns=), headers included.
+    before = tunnel.bytes()
+    head = headers_of(mirror.curl(f"/v2/{quay.repo}/blobs/{big}?ns=quay.io", "-I").stdout)
+    assert head["x-fwdproxy-cache"] == "hit", head
+    assert head["oci-namespace"] == "quay.io", head
+    assert head["docker-content-digest"] == big, head
+    assert int(head["content-length"]) == len(hub.image.layers[1].blob), head
+    assert (tunnel.bytes() - before).total == 0
 
 
 # -- 3. concurrent pulls share one upstream fetch ----------------------------------------------
@@ -396,8 +416,7 @@ def test_tunnel_cut_mid_layer_is_resumed(rig: Rig, images: dict[str, ImageRef],
 
             wait_for("16 MiB of the 64 MiB layer in the cache's tmp file", past_16m,
                      deadline_s=45, alive=mirror.proc.dead)
-            with tunnel.down():  # danted and every tunnel through it are gone, then back
-                pass
+            tunnel.cut()  # danted and every tunnel through it are gone, then danted is back
             link.lift()
             _, err = job.communicate(timeout=90)
             assert job.returncode == 0, f"skopeo copy: exit {job.returncode}: {err}"
@@ -455,6 +474,10 @@ def test_corrupt_upstream_blob_fails_and_is_not_cached(rig: Rig, images: dict[st
     assert not mirror.blob_file(bad).exists()
     assert_no_tmp_left(mirror)
     assert bad in pull.stderr or "unexpected EOF" in pull.stderr, pull.stderr
+    # Nothing was poisoned: with the registry's bytes right again the pull just works.
+    skopeo_copy(rig, mirror_env, f"docker://{ref.reference}", tmp_path / "again")
+    verify_dir_copy(ref, tmp_path / "again")
+    assert mirror.cached(bad)
 
 
 # -- 6. the gateway down: cached images still pull, tags answered stale --------------------------
@@ -473,8 +496,7 @@ def test_gateway_down_serves_cached_image_stale(rig: Rig, images: dict[str, Imag
         mark = mirror.log_mark()
         head = mirror.curl(f"/v2/{ref.repo}/manifests/{ref.tag}", "-I", "-H",
                            f"Accept: {accept}").stdout
-        headers = {k.strip().lower(): v.strip() for k, _, v in
-                   (ln.partition(":") for ln in head.splitlines()[1:] if ":" in ln)}
+        headers = headers_of(head)
         assert head.startswith("HTTP/1.1 200"), head
         assert headers.get("x-fwdproxy-cache") == "stale", head
         assert headers.get("warning", "").startswith("110 "), head

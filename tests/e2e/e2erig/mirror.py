@@ -98,6 +98,11 @@ class MirrorTunnel:
             if self.proc is None:
                 self.start()
 
+    def cut(self) -> None:
+        """Break every tunnel at once (danted and its children killed), then start it again."""
+        with self.down():
+            pass
+
     # -- counters ------------------------------------------------------------------------------
     def _iptables(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.rig.gw.run(["iptables", "-w", *args], check=check)
