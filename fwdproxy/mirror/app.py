@@ -19,12 +19,14 @@ import contextlib
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
 
 from fwdproxy.cache import (
+    BlobHandle,
     BlobStore,
     CacheError,
     DigestMismatch,
@@ -37,7 +39,7 @@ from fwdproxy.config.mirror import MirrorListener, MirrorSpec
 from fwdproxy.mirror.http import FetchError
 from fwdproxy.mirror.passthrough import PassThrough
 from fwdproxy.mirror.registry import Upstream
-from fwdproxy.mirror.stats import MirrorStats
+from fwdproxy.mirror.stats import MirrorStats, RegistryStats
 from fwdproxy.mirror.upstream import UpstreamFetcher
 from fwdproxy.proto.byterange import parse_range
 from fwdproxy.proto.digest import Digest
@@ -200,12 +202,7 @@ class Mirror:
             handle = store.open_blob(digest)
             if handle is not None:
                 reg.hits += 1
-                with handle:
-                    resp = web.FileResponse(handle.info.path, chunk_size=256 * 1024,
-                                            headers=_blob_headers(mreq, digest, "hit"))
-                    await resp.prepare(request)
-                reg.bytes_from_cache += resp.content_length or 0
-                return resp
+                return _CachedBlob(handle, reg, headers=_blob_headers(mreq, digest, "hit"))
         # No await since the lookup above: a flight leaves only once its blob is indexed.
         flight = flights.join(digest)
         state = "coalesced"
@@ -485,6 +482,29 @@ class Mirror:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+class _CachedBlob(web.FileResponse):
+    """A committed blob sent with aiohttp's file response (sendfile where the loop has it,
+    Range and HEAD handled), holding the blob's pin until it has been sent, so eviction cannot
+    remove the file between the lookup and the send."""
+
+    def __init__(self, handle: BlobHandle, reg: RegistryStats, headers: dict[str, str]) -> None:
+        super().__init__(handle.info.path, chunk_size=256 * 1024, headers=headers)
+        self._handle = handle
+        self._reg = reg
+        # A response aiohttp never prepares (the client left first) still lets go of the pin.
+        weakref.finalize(self, handle.close)
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        try:
+            writer = await super().prepare(request)
+            if request.method != "HEAD":
+                self._reg.bytes_from_cache += self.content_length or 0
+            return writer
+        finally:
+            self._handle.close()
+
 
 
 def _hash(digest: Digest, body: bytes) -> str:
