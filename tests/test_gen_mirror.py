@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -709,3 +710,39 @@ def test_mirror_modules_import_without_asyncio_or_yaml() -> None:
         cwd=REPO,
     )
     assert res.stdout.strip() == ""
+
+
+def test_registry_with_port_uses_the_directory_containerd_reads_first(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """containerd tries certs.d/<host>_<port>_ before certs.d/<host>:<port>: write where it
+    looks, or the new file would be hidden by the old directory."""
+    write(tmp_path, "etc/containerd/certs.d/reg.example_5000_/ca.crt", "x")
+    argv = ["containerd-mirror", "--root", str(tmp_path), "--write"]
+    code, out, err = run_gen(capsys, *argv, "--registry", "reg.example:5000")
+    assert code == 0
+    assert f"{tmp_path}/etc/containerd/certs.d/reg.example_5000_/hosts.toml: created" in out
+    assert "has a directory of its own" not in err and "has certificate files" in err
+    code, out, _ = run_gen(capsys, *argv, "--registry", "other.example:5000")
+    assert f"{tmp_path}/etc/containerd/certs.d/other.example:5000/hosts.toml: created" in out
+
+
+def test_certs_dir_must_be_absolute(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["docker-mirror", "--certs-dir", "certs.d", "--root", str(tmp_path), "--write"]
+    code, out, err = run_gen(capsys, *argv)
+    assert code == 2 and out == "" and "absolute path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_registries_yaml_is_private(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run_gen(capsys, "k3s-mirror", "--root", str(tmp_path), "--write")[0] == 0
+    path = tmp_path / STANDARD["k3s-mirror"][0]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o640)
+    assert (
+        run_gen(capsys, "k3s-mirror", "--registry", "quay.io", "--root", str(tmp_path), "--write")[
+            0
+        ]
+        == 0
+    )
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # an existing file keeps its mode

@@ -590,8 +590,11 @@ def _podman_mirror(root: Path, exp: ExpectedMirror) -> tuple[RuntimeReport, bool
         shown = ", ".join(through[:6]) + (
             f" and {len(through) - 6} more" if len(through) > 6 else ""
         )
+        n = len(through)
         rep.findings.append(
-            Finding(OK, f"{len(through)} registries pull through the mirror: {shown}")
+            Finding(
+                OK, f"{n} registr{'y pulls' if n == 1 else 'ies pull'} through the mirror: {shown}"
+            )
         )
     else:
         rep.findings.append(
@@ -849,7 +852,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `doctor` to the CLI's subparsers; it sets func=main."""
     p = subparsers.add_parser(
         "doctor",
-        help="check the container runtimes' proxy settings (read-only)",
+        help="check the container runtimes' proxy and mirror settings (read-only)",
         description="Check that the container runtimes on this host use fwdproxy correctly.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -49,6 +49,7 @@ from fwdproxy.cli.mirrorconf import (
     prefix_of,
     registries_conf_files,
     registries_of,
+    registry_dir,
     render_hosts_toml,
     render_podman_mirror,
     shadowing_dirs,
@@ -181,8 +182,9 @@ def _hosts_outputs(
     root: str, certs_dir: str, ctx: Context, registries: list[str], target: str, notes: list[str]
 ) -> list[Output]:
     outs = []
-    for reg in [None, *registries]:
-        path = f"{certs_dir.rstrip('/')}/{reg or '_default'}/hosts.toml"
+    dirs = [registry_dir(root, certs_dir, r) for r in registries]
+    for reg, dirname in [(None, "_default"), *zip(registries, dirs, strict=True)]:
+        path = f"{certs_dir.rstrip('/')}/{dirname}/hosts.toml"
         content = render_hosts_toml(ctx.mirror, path, reg, target)
         outs.append(Output(path, _replace_with(content), content))
         d = root_path(root, path).parent
@@ -192,7 +194,7 @@ def _hosts_outputs(
                 "containerd uses them only if hosts.toml names them "
                 '(ca = "...", client = [...] under server)'
             )
-    shadow = shadowing_dirs(root, certs_dir, ctx.mirror, registries)
+    shadow = shadowing_dirs(root, certs_dir, ctx.mirror, dirs)
     if shadow:
         notes.append(
             f"{certs_dir}: {own(shadow, 'a directory', 'directories')}; such a directory hides "
@@ -203,8 +205,15 @@ def _hosts_outputs(
     return outs
 
 
+def _certs_dir(args: argparse.Namespace, default: str) -> str:
+    certs_dir = str(args.certs_dir or default)
+    if not certs_dir.startswith("/"):
+        raise GenError(f"--certs-dir {certs_dir!r}: give an absolute path, as containerd needs", 2)
+    return certs_dir.rstrip("/") or "/"
+
+
 def plan_containerd(args: argparse.Namespace, ctx: Context) -> Plan:
-    certs_dir = args.certs_dir or CONTAINERD_CERTS
+    certs_dir = _certs_dir(args, CONTAINERD_CERTS)
     regs = _dedupe(parse_registry_arg(r) for r in args.registry)
     notes = list(ctx.notes)
     outs = _hosts_outputs(args.root, certs_dir, ctx, regs, "containerd-mirror", notes)
@@ -232,7 +241,7 @@ def plan_containerd(args: argparse.Namespace, ctx: Context) -> Plan:
 
 
 def plan_docker(args: argparse.Namespace, ctx: Context) -> Plan:
-    certs_dir = args.certs_dir or DOCKER_CERTS
+    certs_dir = _certs_dir(args, DOCKER_CERTS)
     regs = _dedupe(parse_registry_arg(r) for r in args.registry)
     notes = list(ctx.notes)
     outs: list[Output] = []
@@ -256,6 +265,9 @@ def plan_docker(args: argparse.Namespace, ctx: Context) -> Plan:
                 "the mirror challenges with (mirrors.md §2.2)"
             )
     if args.store in ("both", "containerd"):
+        # _default is verified, not assumed: moby daemon/hosts.go (Engine >= 28) resolves with
+        # containerd's HostDirFromRoot(registry.CertsDir()), and containerd's hostPaths tries
+        # <host>_<port>_, <host>, then _default (mirrors.md §1.2, §2.5).
         outs += _hosts_outputs(args.root, certs_dir, ctx, regs, "docker-mirror", notes)
         notes.append(
             f"{certs_dir}/_default/hosts.toml: read by Docker Engine >= 28 with the containerd "
@@ -303,7 +315,7 @@ def plan_podman(args: argparse.Namespace, ctx: Context) -> Plan:
             "IPv6 literals reject these locations; prefer 127.0.0.1 or a host name"
         )
     _network_notes(ctx, notes)
-    content = render_podman_mirror(entries, ctx.mirror, PODMAN_DROPIN)
+    content = render_podman_mirror(entries, PODMAN_DROPIN)
     outs = [Output(PODMAN_DROPIN, _replace_with(content), content)]
     restart = (
         "nothing for podman, buildah and skopeo (read on every command); "
@@ -317,8 +329,11 @@ def plan_k3s(args: argparse.Namespace, ctx: Context) -> Plan:
     keys = ["*", *_dedupe(parse_registry_arg(r) for r in args.registry)]
     notes = list(ctx.notes)
     show = merge_registries_yaml(None, ctx.mirror, keys, path, [])
+    # 0600 for a new file: registries.yaml is where k3s keeps registry passwords (configs:).
     outs = [
-        Output(path, lambda old: merge_registries_yaml(old, ctx.mirror, keys, path, notes), show)
+        Output(
+            path, lambda old: merge_registries_yaml(old, ctx.mirror, keys, path, notes), show, 0o600
+        )
     ]
     notes.append(
         f"{path}: k3s/RKE2 from the Jan-2024 releases (v1.26.13, v1.27.10, v1.28.6, v1.29.1) "

@@ -294,6 +294,17 @@ def names_mirror(text: str | None, m: Mirror) -> bool:
         return False
 
 
+def registry_dir(root: str, certs_dir: str, name: str) -> str:
+    """The directory name containerd reads for registry `name`: `<host>_<port>_` when it exists
+    (containerd tries that spelling first), else `name` itself (`<host>:<port>`)."""
+    host, sep, port = name.rpartition(":")
+    if sep and host and port.isdigit():
+        alt = f"{host}_{port}_"
+        if root_path(root, f"{certs_dir}/{alt}").is_dir():
+            return alt
+    return name
+
+
 def shadowing_dirs(root: str, certs_dir: str, m: Mirror, skip: Iterable[str]) -> list[str]:
     """Registry directories under `certs_dir` that hide `_default` without naming the mirror
     (containerd uses the first of <host>_<port>_, <host>, _default that exists: §1.2)."""
@@ -422,6 +433,8 @@ def plan_podman_entries(
     entries = []
     for name in names:
         mirror_location = podman_location(name, m, prefixes)
+        # location = prefix, docker.io included: containers/image dials registry-1.docker.io
+        # for "docker.io" itself (docker/docker_client.go newDockerClient).
         entry = RegistryEntry(name, name, mirror_location)
         if name in earlier:
             path, reg = earlier[name]
@@ -439,7 +452,11 @@ def plan_podman_entries(
     return entries
 
 
-def render_podman_mirror(entries: list[RegistryEntry], m: Mirror, path: str) -> str:
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def render_podman_mirror(entries: list[RegistryEntry], path: str) -> str:
     lines = [
         f"# {path}",
         "# podman, buildah, skopeo and CRI-O pull through fwdproxy's registry mirror first.",
@@ -457,7 +474,7 @@ def render_podman_mirror(entries: list[RegistryEntry], m: Mirror, path: str) -> 
         if e.source:
             lines.append(f"# settings carried over from {e.source}")
         lines += [f"prefix = {json.dumps(e.prefix)}", f"location = {json.dumps(e.location)}"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in e.keys.items()]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in e.keys.items()]
         lines += [
             "",
             "[[registry.mirror]]",
@@ -466,7 +483,7 @@ def render_podman_mirror(entries: list[RegistryEntry], m: Mirror, path: str) -> 
         ]
         for mir in e.mirrors:
             lines += ["", "[[registry.mirror]]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in mir.items()]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in mir.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -485,7 +502,8 @@ def merge_registries_yaml(
         try:
             data = yaml.safe_load(existing)
         except yaml.YAMLError as e:
-            raise GenError(f"{path}: invalid YAML ({e}); file left untouched") from None
+            flat = " ".join(str(e).split())
+            raise GenError(f"{path}: invalid YAML ({flat}); file left untouched") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise GenError(f"{path}: top level is not a mapping; file left untouched")
