@@ -21,8 +21,8 @@ from fwdproxy.proto.oci import parse_mirror_request
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+else:  # pragma: no cover - Python 3.10: tomli is not a test dependency
+    tomllib = pytest.importorskip("tomli")
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).parent.parent
@@ -606,6 +606,11 @@ def test_non_loopback_mirror_mentions_no_proxy(
     assert "add 10.0.0.5 to NO_PROXY" in err and "every node must reach 10.0.0.5:5000" in err
     _, _, err = run_gen(capsys, "k3s-mirror", "--root", str(tmp_path))
     assert "NO_PROXY" not in err
+    argv = ["docker-mirror", "--mirror", "10.0.0.5:5000", "--root", str(tmp_path)]
+    _, _, err = run_gen(capsys, *argv)
+    assert '"insecure-registries": ["10.0.0.5:5000"]' in err and "gen does not add it" in err
+    _, _, err = run_gen(capsys, "docker-mirror", "--root", str(tmp_path))
+    assert "insecure-registries" not in err
 
 
 def test_mirror_address_from_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -274,6 +274,12 @@ def plan_docker(args: argparse.Namespace, ctx: Context) -> Plan:
             "image store (default since Engine 29), on every pull, for every registry; Engine "
             "24-27 ignore hosts.toml and use registry-mirrors (Docker Hub only)"
         )
+    if not ctx.mirror.loopback or ":" in ctx.mirror.host:
+        notes.append(
+            f"Docker treats only 127.0.0.0/8 (and ::1 from Engine 28) as insecure by default: "
+            f'BuildKit and the containerd store on Engine <= 27 need "insecure-registries": '
+            f'["{ctx.mirror.address}"] to use http:// (mirrors.md §2.4); gen does not add it'
+        )
     _network_notes(ctx, notes)
     restart = "systemctl restart docker (daemon.json is read at start; hosts.toml on every pull)"
     if args.store == "containerd":
