@@ -22,6 +22,7 @@ examples:
   fwdproxy explain nginx:1.27                     # every host a pull touches, and its route
   fwdproxy discover dockerhub                     # live check of a registry's redirect hosts
   fwdproxy gen docker-dropin --write              # point dockerd at fwdproxy
+  fwdproxy gen containerd-mirror --write          # pull through fwdproxy's registry mirror
   HTTPS_PROXY=http://127.0.0.1:3128 skopeo inspect docker://nginx
 
 Docs: README.md (Quick start, Configuration, Production).
