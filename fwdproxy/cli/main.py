@@ -22,6 +22,7 @@ examples:
   fwdproxy explain nginx:1.27                     # every host a pull touches, and its route
   fwdproxy discover dockerhub                     # live check of a registry's redirect hosts
   fwdproxy gen docker-dropin --write              # point dockerd at fwdproxy
+  fwdproxy gen containerd-mirror --write          # pull through fwdproxy's registry mirror
   HTTPS_PROXY=http://127.0.0.1:3128 skopeo inspect docker://nginx
 
 Docs: README.md (Quick start, Configuration, Production).
@@ -188,6 +189,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  upstreams: {ups or 'none'}")
     print(f"  rules:     {len(cfg.router.rules)} (default: {cfg.router.default.route})")
     print(f"  registries in catalog: {len(cfg.catalog)}")
+    if cfg.mirror is not None:
+        from fwdproxy.core.units import format_size
+
+        m = cfg.mirror
+        where = ", ".join(f"http://{x.address}" for x in m.listeners)
+        print(f"  mirror:    {where} (default registry {m.default_registry}, tag TTL "
+              f"{m.tag_ttl_s:g}s, stale up to {m.serve_stale_s:g}s)")
+        if cfg.cache is not None:
+            bound = format_size(cfg.cache.max_size) if cfg.cache.max_size else "unbounded"
+            print(f"  cache:     {cfg.cache.dir} (max {bound})")
+        else:
+            print("  cache:     none (the mirror streams without storing)")
     return 0
 
 

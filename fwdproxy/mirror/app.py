@@ -18,13 +18,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
 
 from fwdproxy.cache import (
+    BlobHandle,
     BlobStore,
     CacheError,
     DigestMismatch,
@@ -37,8 +40,8 @@ from fwdproxy.config.mirror import MirrorListener, MirrorSpec
 from fwdproxy.mirror.http import FetchError
 from fwdproxy.mirror.passthrough import PassThrough
 from fwdproxy.mirror.registry import Upstream
-from fwdproxy.mirror.stats import MirrorStats
-from fwdproxy.mirror.upstream import UpstreamFetcher
+from fwdproxy.mirror.stats import MirrorStats, RegistryStats
+from fwdproxy.mirror.upstream import VIA_HEADER, UpstreamFetcher
 from fwdproxy.proto.byterange import parse_range
 from fwdproxy.proto.digest import Digest
 from fwdproxy.proto.http1 import parse_basic_credentials
@@ -68,6 +71,11 @@ API_VERSION: Final = ("Docker-Distribution-API-Version", "registry/2.0")
 MAX_PASSTHROUGH: Final = 1024 * 1024
 CACHE_HEADER: Final = "X-Fwdproxy-Cache"  # hit | miss | coalesced | stale | bypass
 _MANIFEST_LIKE: Final = MANIFEST_TYPES | INDEX_TYPES
+MAX_HOPS: Final = 8  # mirrors a request may pass; a longer chain is a loop we cannot name
+# The request's via chain with this mirror added (a typed key where aiohttp has them).
+_VIA: Final[Any] = (
+    web.RequestKey("fwdproxy_via", tuple) if hasattr(web, "RequestKey") else "fwdproxy_via"
+)
 
 
 class TagAnswer:
@@ -104,6 +112,8 @@ class Mirror:
         self._tags: dict[tuple[str, str, str], TagAnswer] = {}  # without a store
         self._tasks: set[asyncio.Task[None]] = set()
         self.listeners: dict[int, MirrorListener] = {}
+        # Names this mirror in the via chain of requests it sends to a parent mirror.
+        self.instance_id = secrets.token_hex(6)
 
     # -- the aiohttp application ---------------------------------------------------------------
 
@@ -155,6 +165,16 @@ class Mirror:
             return web.json_response({}, headers=[API_VERSION])
         reg = self.stats[mreq.registry.name]
         reg.requests[mreq.kind.value] += 1
+        via = tuple(v.strip() for v in request.headers.get(VIA_HEADER, "").split(",")
+                    if v.strip())[:MAX_HOPS + 1]
+        if self.instance_id in via or len(via) >= MAX_HOPS:
+            reg.errors += 1
+            logger.error("mirror: %s: refused a loop of mirrors (via %s); check mirror.parent",
+                         mreq.describe(), ", ".join(via))
+            return _error(OCIError("UNAVAILABLE", "mirror loop: this request already passed "
+                                   f"through this mirror (via {', '.join(via)}); check the "
+                                   "mirror.parent settings", 508), mreq)
+        request[_VIA] = (*via, self.instance_id)
         try:
             if not spec.serves(mreq.registry.name):
                 raise OCIError("DENIED", f"this mirror does not serve {mreq.registry.name} "
@@ -200,12 +220,7 @@ class Mirror:
             handle = store.open_blob(digest)
             if handle is not None:
                 reg.hits += 1
-                with handle:
-                    resp = web.FileResponse(handle.info.path, chunk_size=256 * 1024,
-                                            headers=_blob_headers(mreq, digest, "hit"))
-                    await resp.prepare(request)
-                reg.bytes_from_cache += resp.content_length or 0
-                return resp
+                return _CachedBlob(handle, reg, headers=_blob_headers(mreq, digest, "hit"))
         # No await since the lookup above: a flight leaves only once its blob is indexed.
         flight = flights.join(digest)
         state = "coalesced"
@@ -214,7 +229,7 @@ class Mirror:
             assert flight is not None
             state = "miss"
             reg.misses += 1
-            self._spawn(self._fill(flight, up, digest))
+            self._spawn(self._fill(flight, up, digest, request[_VIA]))
         else:
             reg.coalesced += 1
         try:
@@ -258,13 +273,14 @@ class Mirror:
         await resp.write_eof()
         return resp
 
-    async def _fill(self, flight: Flight, up: Upstream, digest: Digest) -> None:
+    async def _fill(self, flight: Flight, up: Upstream, digest: Digest,
+                    via: tuple[str, ...]) -> None:
         """The one upstream fetch of a digest, independent of the client that started it."""
         reg = self.stats[up.registry.name]
         t0 = time.monotonic()
         try:
             async with flight:
-                await self.fetcher.blob(up, digest, flight)
+                await self.fetcher.blob(up, digest, flight, via)
                 info = await flight.commit()
         except DigestMismatch as e:
             reg.verify_failures += 1
@@ -287,7 +303,7 @@ class Mirror:
 
         async def fetch() -> None:
             try:
-                await self.fetcher.blob(up, digest, sink)
+                await self.fetcher.blob(up, digest, sink, request[_VIA])
                 await sink.finish()
             except asyncio.CancelledError:
                 sink.fail(FetchError("cancelled"))
@@ -347,7 +363,7 @@ class Mirror:
                                                                  accept)
             return _manifest_response(request, mreq, cached.digest, body, media_type, "hit")
         try:
-            head = await self.fetcher.head_manifest(up, str(ref), accept)
+            head = await self.fetcher.head_manifest(up, str(ref), accept, request[_VIA])
         except (FetchError, OCIError) as e:
             unreachable = isinstance(e, FetchError) or e.code in ("UNAVAILABLE",
                                                                   "TOOMANYREQUESTS")
@@ -364,7 +380,7 @@ class Mirror:
             return resp
         reg.misses += 1
         if head.digest is None:
-            body, media_type = await self.fetcher.manifest(up, str(ref), accept)
+            body, media_type = await self.fetcher.manifest(up, str(ref), accept, request[_VIA])
             digest = Digest("sha256", hashlib.sha256(body).hexdigest())
             media_type = _check_manifest_type(media_type or head.media_type, mreq)
             await self._store_manifest(digest, body, media_type, up)
@@ -389,7 +405,8 @@ class Mirror:
         cached = self._cached_manifest(digest)
         if cached is not None:
             return cached[0], cached[1], "hit"
-        body, media_type = await self.fetcher.manifest(up, str(digest), accept)
+        body, media_type = await self.fetcher.manifest(up, str(digest), accept,
+                                                       request.get(_VIA, ()))
         if not digest.matches(_hash(digest, body)):
             self.stats[up.registry.name].verify_failures += 1
             raise OCIError("UNKNOWN", f"{up.registry.name} sent a manifest whose {digest.algorithm}"
@@ -458,7 +475,7 @@ class Mirror:
             raise OCIError("UNSUPPORTED", "HEAD is not supported here; use GET", 405)
         status, headers, body = await self.fetcher.passthrough(
             up, mreq.upstream_path, mreq.upstream_query, request.headers.get("Accept"),
-            MAX_PASSTHROUGH)
+            MAX_PASSTHROUGH, request[_VIA])
         out = {"Content-Type": headers.get("content-type", "application/json")}
         if "link" in headers:
             out["Link"] = headers["link"]
@@ -485,6 +502,29 @@ class Mirror:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+class _CachedBlob(web.FileResponse):
+    """A committed blob sent with aiohttp's file response (sendfile where the loop has it,
+    Range and HEAD handled), holding the blob's pin until it has been sent, so eviction cannot
+    remove the file between the lookup and the send."""
+
+    def __init__(self, handle: BlobHandle, reg: RegistryStats, headers: dict[str, str]) -> None:
+        super().__init__(handle.info.path, chunk_size=256 * 1024, headers=headers)
+        self._handle = handle
+        self._reg = reg
+        # A response aiohttp never prepares (the client left first) still lets go of the pin.
+        weakref.finalize(self, handle.close)
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        try:
+            writer = await super().prepare(request)
+            if request.method != "HEAD":
+                self._reg.bytes_from_cache += self.content_length or 0
+            return writer
+        finally:
+            self._handle.close()
+
 
 
 def _hash(digest: Digest, body: bytes) -> str:

@@ -38,6 +38,9 @@ def trust_context(spec: MirrorSpec | None) -> ssl.SSLContext:
     for reg in (spec.registries.values() if spec is not None else ()):
         if reg.ca_file:
             ctx.load_verify_locations(cafile=reg.ca_file)
+    for parent in (spec.parents if spec is not None else ()):
+        if parent.ca_file:
+            ctx.load_verify_locations(cafile=parent.ca_file)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 

@@ -105,3 +105,19 @@ async def test_corrupt_upstream_bytes_are_never_served_or_cached(
     registry.corrupt.clear()
     async with await m.get(f"/v2/{REPO}/blobs/{big}?{_ns(registry)}") as r:
         assert await r.read() == registry.blobs[big]
+
+
+async def test_large_cache_hit_is_sent_whole_and_counted(make_mirror: MakeMirror,
+                                                         registry: FakeRegistry) -> None:
+    """A hit goes out as a file response (sendfile); it must be sent once, whole, and counted."""
+    from tests.mirror.fakeregistry import make_image
+
+    img = make_image("team/big", "v1", [9 * 1024 * 1024], seed=9)
+    registry.add(img)
+    m = await make_mirror()
+    d = max(img.blobs, key=lambda k: len(img.blobs[k]))
+    for state in ("miss", "hit", "hit"):
+        async with await m.get(f"/v2/team/big/blobs/{d}?{_ns(registry)}") as r:
+            assert r.headers["X-Fwdproxy-Cache"] == state
+            assert await r.read() == img.blobs[d]
+    assert m.service.stats[registry.host].bytes_from_cache == 2 * len(img.blobs[d])
