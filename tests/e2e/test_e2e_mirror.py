@@ -2,8 +2,9 @@
 
 fwdproxy serves the mirror on 127.0.0.1:5000 in the node; its upstream fetches go through a
 danted of their own on the gateway, whose bytes iptables counts (e2erig.mirror). Clients talk
-to the mirror only: ctr with a certs.d `_default` hosts.toml, podman and skopeo with a
-registries.conf mirror, a second dockerd with `registry-mirrors`. `tag_ttl: 0s`, so every tag
+to the mirror only, set up with what `fwdproxy gen *-mirror` writes: ctr with a certs.d
+`_default` hosts.toml, podman and skopeo with a registries.conf mirror per registry, a second
+dockerd with `registry-mirrors`. `tag_ttl: 0s`, so every tag
 is asked of the upstream again (a HEAD) and a tag with the tunnel down is answered stale.
 
 What crossed the tunnel is measured three ways: iptables byte counters on the mirror's SOCKS
@@ -40,8 +41,7 @@ from e2erig.mirror import (
     MirrorTunnel,
     RunningMirror,
     TunnelBytes,
-    containerd_hosts_dir,
-    registries_conf,
+    gen_mirror,
     shaped,
     start_mirror,
 )
@@ -50,6 +50,11 @@ from e2erig.procs import wait_for
 from e2erig.topology import ImageRef, Rig
 
 pytestmark = pytest.mark.e2e
+
+# Where `fwdproxy gen *-mirror --root R` writes, below R.
+CONTAINERD_CERTS = "etc/containerd/certs.d"
+PODMAN_DROPIN = "etc/containers/registries.conf.d/50-fwdproxy-mirror.conf"
+DAEMON_JSON = "etc/docker/daemon.json"
 
 MiB = 1024 * 1024
 SMALL_BOUND = 64 * 1024  # tunnel bytes a pull from the cache may still cost: HEADs, tokens
@@ -123,11 +128,18 @@ def mirror(rig: Rig, tunnel: MirrorTunnel) -> Iterator[RunningMirror]:
 
 @pytest.fixture(scope="module")
 def mirror_env(rig: Rig) -> dict[str, str]:
-    """podman's and skopeo's environment: registries.conf sends docker.io and quay.io to the
-    mirror; no proxy variables, no CA (the mirror is plain HTTP on loopback). podman reads
-    $CONTAINERS_REGISTRIES_CONF; skopeo 1.9 ignores it and gets --registries-conf."""
-    conf = registries_conf(rig.tmp / "registries-mirror.conf")
-    return rig.client_env(CONTAINERS_REGISTRIES_CONF=str(conf))
+    """podman's and skopeo's environment: the registries.conf drop-in `gen podman-mirror`
+    writes, as the whole registries.conf; no proxy variables, no CA (the mirror is plain HTTP
+    on loopback). podman reads $CONTAINERS_REGISTRIES_CONF; skopeo 1.9 ignores it and gets
+    --registries-conf."""
+    root = rig.tmp / "gen-podman-mirror"
+    written = gen_mirror(rig, "podman-mirror", root)
+    assert list(written) == [PODMAN_DROPIN], written
+    text = written[PODMAN_DROPIN]
+    for reg in ("docker.io", "quay.io"):
+        assert (f'[[registry.mirror]]\nlocation = "127.0.0.1:5000/{reg}"\ninsecure = true'
+                in text), text
+    return rig.client_env(CONTAINERS_REGISTRIES_CONF=str(root / PODMAN_DROPIN))
 
 
 def blob_digests(ref: ImageRef) -> list[str]:
@@ -200,17 +212,29 @@ def mirror_containerd(rig: Rig) -> Iterator[Containerd]:
         rig.sup.stop(cd.proc)
 
 
+@pytest.fixture(scope="module")
+def mirror_hosts_dir(rig: Rig) -> Path:
+    """The certs.d `gen containerd-mirror` writes: one `_default/hosts.toml` for every
+    registry (containerd names the registry with ?ns=)."""
+    root = rig.tmp / "gen-containerd-mirror"
+    written = gen_mirror(rig, "containerd-mirror", root)
+    hosts = f"{CONTAINERD_CERTS}/_default/hosts.toml"
+    assert list(written) == [hosts], written
+    assert f'[host."{MIRROR_URL}"]\n  capabilities = ["pull", "resolve"]' in written[hosts]
+    assert not any(ln.startswith("server") for ln in written[hosts].splitlines())
+    return root / CONTAINERD_CERTS
+
+
 @pytest.mark.parametrize("registry", ["hub", "quay"], ids=["dockerhub", "quay"])
 def test_ctr_pulls_through_mirror(rig: Rig, images: dict[str, ImageRef], mirror: RunningMirror,
-                                  mirror_containerd: Containerd, tunnel: MirrorTunnel,
-                                  registry: str) -> None:
+                                  mirror_containerd: Containerd, mirror_hosts_dir: Path,
+                                  tunnel: MirrorTunnel, registry: str) -> None:
     ref = images[f"{registry}:mirror-ctr"]
-    hosts = containerd_hosts_dir(rig.tmp / f"certs.d-mirror-{registry}")
     env = rig.client_env()  # no proxy: ctr reaches only the mirror on loopback
     mark, before = mirror.log_mark(), tunnel.bytes()
     ctr = ["ctr", "-a", str(mirror_containerd.socket), "-n", "e2e-mirror"]
-    rig.node.run([*ctr, "images", "pull", "--snapshotter", "native", "--hosts-dir", str(hosts),
-                  ref.reference], env=env, timeout_s=60)
+    rig.node.run([*ctr, "images", "pull", "--snapshotter", "native", "--hosts-dir",
+                  str(mirror_hosts_dir), ref.reference], env=env, timeout_s=60)
     listing = rig.node.run([*ctr, "images", "ls"], env=env).stdout
     line = next((ln for ln in listing.splitlines() if ln.startswith(ref.reference + " ")), "")
     assert ref.digest in line, listing
@@ -275,8 +299,11 @@ def mirror_dockerd(rig: Rig, mirror_containerd: Containerd) -> Iterator[Dockerd]
     """A second dockerd (own data-root, socket, containerd namespace) whose only way to a
     registry is `registry-mirrors`; the rig's proxy-configured dockerd is left alone."""
     require_tools({"dockerd": "docker.io", "docker": "docker.io", "runc": "runc"})
+    written = gen_mirror(rig, "docker-mirror", rig.tmp / "gen-docker-mirror")
+    daemon_json = json.loads(written[DAEMON_JSON])
+    assert daemon_json == {"registry-mirrors": [MIRROR_URL]}, written[DAEMON_JSON]
     d = start_dockerd(rig, mirror_containerd, None, name="docker-mirror",
-                      daemon_json={"registry-mirrors": [MIRROR_URL]})
+                      daemon_json=daemon_json)
     try:
         yield d
     finally:

@@ -247,22 +247,10 @@ def start_mirror(rig: Rig, tunnel: MirrorTunnel, name: str = "fwdproxy-mirror",
 
 
 # -- client configuration ------------------------------------------------------------------------
-def registries_conf(path: Path, registries: tuple[str, ...] = ("docker.io", "quay.io")) -> Path:
-    """containers-registries.conf(5) sending each registry to the mirror, path-addressed."""
-    lines = ['unqualified-search-registries = []', 'short-name-mode = "disabled"', ""]
-    for reg in registries:
-        lines += ["[[registry]]", f'prefix = "{reg}"', f'location = "{reg}"',
-                  "[[registry.mirror]]", f'location = "{MIRROR_HOST}:{MIRROR_PORT}/{reg}"',
-                  "insecure = true", ""]
-    path.write_text("\n".join(lines))
-    return path
-
-
-def containerd_hosts_dir(base: Path) -> Path:
-    """A certs.d whose `_default` entry puts the mirror in front of every registry."""
-    d = base / "_default"
-    d.mkdir(parents=True)
-    (d / "hosts.toml").write_text(
-        f'[host."{MIRROR_URL}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-    return base
+def gen_mirror(rig: Rig, target: str, root: Path) -> dict[str, str]:
+    """`fwdproxy gen TARGET --mirror 127.0.0.1:5000 --write --root ROOT` in the node, as a user
+    sets a runtime up for the mirror; returns what it wrote, by path below ROOT."""
+    rig.node.run(fwdproxy_argv("gen", target, "--mirror", f"{MIRROR_HOST}:{MIRROR_PORT}",
+                               "--write", "--root", str(root)), env=fwdproxy_env(rig))
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith(".bak")}
