@@ -71,6 +71,7 @@ API_VERSION: Final = ("Docker-Distribution-API-Version", "registry/2.0")
 MAX_PASSTHROUGH: Final = 1024 * 1024
 CACHE_HEADER: Final = "X-Fwdproxy-Cache"  # hit | miss | coalesced | stale | bypass
 _MANIFEST_LIKE: Final = MANIFEST_TYPES | INDEX_TYPES
+VERIFY_FIRST_BYTES: Final = 1024 * 1024  # blobs up to this size are verified before sending
 MAX_HOPS: Final = 8  # mirrors a request may pass; a longer chain is a loop we cannot name
 # The request's via chain with this mirror added (a typed key where aiohttp has them).
 _VIA: Final[Any] = (
@@ -241,6 +242,13 @@ class Mirror:
                 return await self._blob_passthrough(request, mreq, up, digest)
             raise _failure(mreq, digest, cause) from None
         size = head.expected_size
+        if request.method == "GET" and size is not None and size <= VERIFY_FIRST_BYTES:
+            # Small blobs (configs, small layers) are verified before the answer starts, so a
+            # bad upstream gets the client a clear 502 rather than a short body.
+            try:
+                await _committed(flight)
+            except FlightFailed as e:
+                raise _failure(mreq, digest, e.__cause__) from None
         if request.method == "HEAD":
             if size is None:
                 info = await _committed(flight)
@@ -320,6 +328,14 @@ class Mirror:
             headers = _blob_headers(mreq, digest, "bypass")
             if request.method == "HEAD":
                 return _blob_head(mreq, digest, size, "bypass")
+            if size is not None and size <= VERIFY_FIRST_BYTES:
+                try:
+                    body = b"".join([c async for c in sink.chunks()])
+                except FlightFailed as e:
+                    if isinstance(sink.error, DigestMismatch):
+                        self.stats[mreq.registry.name].verify_failures += 1
+                    raise _failure(mreq, digest, sink.error or e.__cause__) from None
+                return web.Response(body=body, headers=headers)
             resp = web.StreamResponse(status=200, headers=headers)
             if size is not None:
                 resp.content_length = size

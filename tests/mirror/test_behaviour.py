@@ -273,3 +273,16 @@ async def test_admin_reports_the_mirror(tmp_path: Path, registry: FakeRegistry) 
         assert 'fwdproxy_mirror_fetched_bytes_total{registry="' in text
     finally:
         await server.stop(grace_s=0)
+
+
+async def test_without_a_cache_a_corrupt_small_blob_is_a_clear_502(
+    make_mirror: MakeMirror, registry: FakeRegistry
+) -> None:
+    m = await make_mirror(cache=False)
+    small = min(registry.blobs, key=lambda d: len(registry.blobs[d]))
+    async with await m.get(f"/v2/{REPO}/blobs/{small}?{ns(registry)}") as r:
+        assert r.status == 200 and await r.read() == registry.blobs[small]
+    registry.corrupt.add(small)
+    async with await m.get(f"/v2/{REPO}/blobs/{small}?{ns(registry)}") as r:
+        assert r.status == 502
+        assert "do not match" in (await _errors(r))[0]["message"]

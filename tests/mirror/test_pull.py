@@ -121,3 +121,14 @@ async def test_large_cache_hit_is_sent_whole_and_counted(make_mirror: MakeMirror
             assert r.headers["X-Fwdproxy-Cache"] == state
             assert await r.read() == img.blobs[d]
     assert m.service.stats[registry.host].bytes_from_cache == 2 * len(img.blobs[d])
+
+
+async def test_corrupt_small_blob_is_a_clear_502(make_mirror: MakeMirror,
+                                                 registry: FakeRegistry) -> None:
+    m = await make_mirror()
+    small = min(registry.blobs, key=lambda d: len(registry.blobs[d]))
+    registry.corrupt.add(small)
+    async with await m.get(f"/v2/{REPO}/blobs/{small}?{_ns(registry)}") as r:
+        assert r.status == 502
+        err = (await r.json())["errors"][0]
+        assert "do not match" in err["message"] and "nothing was served or cached" in err["message"]
