@@ -11,16 +11,15 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from fwdproxy.cache.image import format_platform
-from fwdproxy.proto.manifest import Platform
+if TYPE_CHECKING:  # imported where used: registering `cache` must stay cheap
+    from fwdproxy.proto.manifest import Platform
 
 __all__ = [
     "ago",
     "explain_cache",
     "format_age",
-    "format_platform",
     "host_platform",
     "media_kind",
     "parse_platform",
@@ -102,6 +101,8 @@ def table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) ->
 
 def parse_platform(text: str) -> Platform:
     """`os/arch[/variant]` (`linux/arm64`, `linux/arm/v7`) -> Platform; ValueError otherwise."""
+    from fwdproxy.proto.manifest import Platform
+
     parts = text.strip().lower().split("/")
     if not 2 <= len(parts) <= 3 or not all(_COMPONENT.fullmatch(p) for p in parts):
         raise ValueError(f"not a platform: {text[:80]!r} (os/arch[/variant], e.g. linux/arm64)")
@@ -110,6 +111,8 @@ def parse_platform(text: str) -> Platform:
 
 def host_platform() -> Platform:
     """What `docker pull` on this host would pick: linux and this machine's architecture."""
+    from fwdproxy.proto.manifest import Platform
+
     machine = host.machine().lower()
     arch, variant = _MACHINES.get(machine, (machine, ""))
     return Platform("linux", arch, variant)
@@ -127,7 +130,7 @@ def explain_cache(
     """
     root = Path(cache_dir).expanduser().resolve()
     from fwdproxy.cache import CacheError, ReadOnlyStore
-    from fwdproxy.cache.image import image_status
+    from fwdproxy.cache.image import format_platform, image_status
     from fwdproxy.core.units import format_size
     from fwdproxy.proto.digest import parse_digest
     from fwdproxy.proto.oci import OCIError, parse_registry

@@ -57,7 +57,7 @@ def format_progress(
     if width is None:
         return f"{label}: {text}" if label else text
     prefix = f"{label} " if label else ""
-    room = width - len(prefix) - len(text) - 4
+    room = width - len(prefix) - len(text) - 5  # and one column free: no wrap
     if room >= MIN_BAR:
         filled = min(room, int(room * done / total)) if total else room
         return f"{prefix}[{'#' * filled}{'.' * (room - filled)}]  {text}"

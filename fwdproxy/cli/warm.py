@@ -22,7 +22,8 @@ from typing import Any, Final, Literal
 
 import aiohttp
 
-from fwdproxy.cli.cacheview import format_platform, host_platform, parse_platform
+from fwdproxy.cache.image import format_platform
+from fwdproxy.cli.cacheview import host_platform, parse_platform
 from fwdproxy.cli.progress import ProgressSink
 from fwdproxy.core.units import format_size
 from fwdproxy.proto.digest import Digest, DigestError, parse_digest
