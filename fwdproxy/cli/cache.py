@@ -19,10 +19,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from fwdproxy.cli.cacheview import ago, media_kind, short_digest, table
 from fwdproxy.cli.main import add_config_arg, format_host, formatter
+
+if TYPE_CHECKING:  # at run time each command imports what it uses
+    from fwdproxy.cache import BlobRow, BlobStore, ReadOnlyStore
+    from fwdproxy.config import AdminSpec, Config
 
 DEFAULT_PRUNE_AGE: Final = "30d"
 SORT_KEYS: Final = ("used", "size", "hits")
@@ -58,12 +62,12 @@ class CacheCommandError(Exception):
 @dataclass
 class CacheContext:
     root: Path
-    cfg: Any | None  # the loaded Config, if one could be
+    cfg: Config | None  # the loaded config, if one could be
     max_size: int | None  # bytes; None: unbounded (or unknown, see max_size_unknown)
     max_size_unknown: str | None = None  # why the config cannot tell this dir's max_size
 
 
-def load_config_for(args: argparse.Namespace, optional: bool) -> Any | None:
+def load_config_for(args: argparse.Namespace, optional: bool) -> Config | None:
     """The config: required if -c was given; with `optional`, a broken default is ignored."""
     from fwdproxy.config import load_config
     from fwdproxy.core.errors import ConfigError
@@ -100,7 +104,7 @@ def cache_context(args: argparse.Namespace) -> CacheContext:
     return CacheContext(root, cfg, None, why)
 
 
-def open_view(root: Path) -> Any:
+def open_view(root: Path) -> ReadOnlyStore:
     """The read-only view, or a clear error when there is no cache there."""
     from fwdproxy.cache import CacheError, ReadOnlyStore
 
@@ -113,7 +117,7 @@ def open_view(root: Path) -> Any:
 # -- ls / tags / du ----------------------------------------------------------------------------
 
 
-def blob_json(row: Any) -> dict[str, Any]:
+def blob_json(row: BlobRow) -> dict[str, Any]:
     return {
         "digest": str(row.digest),
         "size": row.size,
@@ -169,7 +173,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ],
         right=frozenset({1, 4}),
     )
-    print("\n".join((lines[1:] and lines) or ["(no blobs)"]))
+    print("\n".join(lines if rows else ["(no blobs)"]))
     summary = f"{len(rows)} blob(s), {format_size(total)}"
     if args.registry:
         everything_bytes = sum(r.size for r in everything)
@@ -275,7 +279,7 @@ def describe_pid(pid: int | None, root: Path) -> str:
     return f"pid {pid} ({cmd[:120]})" if cmd else f"pid {pid}"
 
 
-def open_owner(ctx: CacheContext, args: argparse.Namespace, action: str) -> Any | None:
+def open_owner(ctx: CacheContext, args: argparse.Namespace, action: str) -> BlobStore | None:
     """The store with its lock, or None when the running proxy's admin API should do it."""
     from fwdproxy.cache import BlobStore, StoreLocked
 
@@ -303,7 +307,7 @@ def open_owner(ctx: CacheContext, args: argparse.Namespace, action: str) -> Any 
         ) from None
 
 
-def admin_url(admin: Any) -> str:
+def admin_url(admin: AdminSpec) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
     return f"http://{format_host(host)}:{admin.port}"
 
@@ -321,12 +325,12 @@ def admin_call(ctx: CacheContext, method: str, path: str) -> dict[str, Any]:
     base = admin_url(admin)
     token = admin.token or os.environ.get(ADMIN_TOKEN_ENV)
 
-    def call(m: str, p: str) -> dict[str, Any]:
+    def call(m: str, p: str, timeout: float | None) -> dict[str, Any]:
         req = urllib.request.Request(base + p, method=m)
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(req, timeout=None) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return dict(json.loads(resp.read() or b"{}"))
         except urllib.error.HTTPError as e:
             try:
@@ -340,13 +344,13 @@ def admin_call(ctx: CacheContext, method: str, path: str) -> dict[str, Any]:
             reason = getattr(e, "reason", e)
             raise CacheCommandError(f"admin API {base} did not answer: {reason}") from None
 
-    info = call("GET", "/api/cache")
+    info = call("GET", "/api/cache", 30.0)
     theirs = Path(str(info.get("dir", ""))).resolve()
     if theirs != ctx.root:
         raise CacheCommandError(
             f"the proxy at {base} caches in {theirs}, not in {ctx.root}; nothing was done"
         )
-    return call(method, path)
+    return call(method, path, None)  # a verify of a big cache takes as long as it takes
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -377,7 +381,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad or missing else 0
 
 
-def _verify_here(store: Any, quiet: bool) -> tuple[list[str], list[str], int, int]:
+def _verify_here(store: BlobStore, quiet: bool) -> tuple[list[str], list[str], int, int]:
     from fwdproxy.cli.progress import Progress
 
     sizes = {str(r.digest): r.size for r in store.list()}
@@ -404,6 +408,8 @@ def _verify_here(store: Any, quiet: bool) -> tuple[list[str], list[str], int, in
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    import urllib.parse
+
     from fwdproxy.core.units import format_size, parse_duration
 
     if args.all and args.older_than:
@@ -419,8 +425,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return _prune_dry_run(ctx, age, what)
     store = open_owner(ctx, args, "prune")
     if store is None:
-        query = "all=1" if age is None else f"older_than={age_text}"
-        body = admin_call(ctx, "POST", f"/api/cache/prune?{query}")
+        query = {"all": "1"} if age_text is None else {"older_than": age_text}
+        body = admin_call(ctx, "POST", f"/api/cache/prune?{urllib.parse.urlencode(query)}")
         pruned, freed = int(body.get("count", 0)), int(body.get("freed_bytes", 0))
         left = body.get("remaining", {})
         left_count, left_bytes = int(left.get("count", 0)), int(left.get("bytes", 0))
@@ -461,7 +467,7 @@ def _prune_dry_run(ctx: CacheContext, age: float | None, what: str) -> int:
 # -- warm --------------------------------------------------------------------------------------
 
 
-def mirror_url_from(cfg: Any) -> str | None:
+def mirror_url_from(cfg: Config | None) -> str | None:
     mirror = getattr(cfg, "mirror", None)
     if mirror is None or not mirror.listeners:
         return None

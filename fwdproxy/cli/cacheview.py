@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:  # imported where used: registering `cache` must stay cheap
     from fwdproxy.proto.manifest import Platform
+    from fwdproxy.routing.imageref import ImageRef
 
 __all__ = [
     "ago",
@@ -122,7 +123,7 @@ def host_platform() -> Platform:
 
 
 def explain_cache(
-    cache_dir: str | Path, ref: Any, platform_text: str | None
+    cache_dir: str | Path, ref: ImageRef, platform_text: str | None
 ) -> tuple[str, dict[str, Any]]:
     """The cache section of `fwdproxy explain`: text and JSON for one parsed image reference.
 
