@@ -321,12 +321,26 @@ def test_verify_and_prune_refuse_a_locked_store_without_admin(
 def test_prune_dry_run_works_beside_the_owner(
     filled: Filled, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    filled.store.put_tag("quay.io", "o/old", "1", filled.old[0], OCI_INDEX, time.time() - 31 * DAY)
     code, out, _ = run(capsys, "cache", "prune", "-c", str(filled.config), "--dry-run")
     assert code == 0
     lines = out.splitlines()
-    assert {line.split()[2] for line in lines[:-1]} == {short_digest(d) for d in filled.old}
-    assert all(line.endswith("last used 40d ago") for line in lines[:-1])
-    assert lines[-1].startswith("dry run: would prune 3 of 8 blob(s) (blobs unused for 30d)")
+    assert {line.split()[2] for line in lines[:3]} == {short_digest(d) for d in filled.old}
+    assert all(line.endswith("last used 40d ago") for line in lines[:3])
+    assert lines[3].split() == [
+        "would",
+        "forget",
+        "quay.io/o/old:1",
+        "tag",
+        "fetched",
+        "31d",
+        "ago",
+    ]
+    assert lines[-1].startswith(
+        "dry run: would prune 3 of 8 blob(s) (blobs unused for 30d), freeing "
+    )
+    assert "forget 1 tag(s)" in lines[-1]
+    assert filled.store.get_tag("quay.io", "o/old", "1") is not None
     assert filled.store.usage().count == 8
 
 
@@ -340,11 +354,13 @@ def test_prune_by_age_then_all(filled: Filled, capsys: pytest.CaptureFixture[str
     assert len(left) == 5 and not {r.digest for r in left} & set(filled.old)
     left_kib = (filled.total - old_bytes) / 1024
     assert out == (
-        f"pruned 3 blob(s) (blobs unused for 7d), freed {old_bytes / 1024:.1f} KiB; "
+        f"pruned 3 blob(s) (blobs unused for 7d), freed {old_bytes / 1024:.1f} KiB, "
+        "forgot 0 tag(s); "
         f"5 blob(s), {left_kib:.1f} KiB left\n"
     )
     code, out, _ = run(capsys, "cache", "prune", "-c", str(filled.config), "--all")
     assert code == 0 and out.startswith("pruned 5 blob(s) (every unpinned blob)")
+    assert "forgot 2 tag(s)" in out
     assert out.rstrip().endswith("0 blob(s), 0 B left")
     code, _, err = run(capsys, "cache", "prune", "-c", str(filled.config), "--older-than", "x")
     assert code == 2 and "--older-than" in err
@@ -462,6 +478,7 @@ async def test_admin_cache_endpoints(filled: Filled) -> None:
         status, body = await call(base, "POST", "/api/cache/prune?older_than=7d")
         assert status == 200 and body["count"] == 3
         assert sorted(body["pruned"]) == sorted(str(d) for d in filled.old)
+        assert body["tags_forgotten"] == 0
         assert body["remaining"]["count"] == 4 and body["older_than_s"] == 7 * DAY
 
 

@@ -451,12 +451,13 @@ async def cache_prune(request: web.Request) -> web.Response:
         return _json({"error": "a cache verify or prune is already running"}, 409)
     async with admin.cache_lock:
 
-        def run() -> tuple[list[str], int]:
+        def run() -> tuple[list[str], int, int]:
             sizes = {str(r.digest): r.size for r in store.list()}
+            tags = len(store.tags())
             gone = [str(d) for d in store.prune(older_than_s=age)]
-            return gone, sum(sizes.get(d, 0) for d in gone)
+            return gone, sum(sizes.get(d, 0) for d in gone), tags - len(store.tags())
 
-        gone, freed = await asyncio.to_thread(run)
+        gone, freed, tags = await asyncio.to_thread(run)
     usage = store.usage()
     logger.info("admin: cache prune removed %d blobs, %d bytes", len(gone), freed)
     return _json(
@@ -466,6 +467,7 @@ async def cache_prune(request: web.Request) -> web.Response:
             "count": len(gone),
             "freed_bytes": freed,
             "pruned": gone,
+            "tags_forgotten": tags,
             "remaining": {"count": usage.count, "bytes": usage.bytes},
         }
     )

@@ -428,17 +428,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         query = {"all": "1"} if age_text is None else {"older_than": age_text}
         body = admin_call(ctx, "POST", f"/api/cache/prune?{urllib.parse.urlencode(query)}")
         pruned, freed = int(body.get("count", 0)), int(body.get("freed_bytes", 0))
+        tags = int(body.get("tags_forgotten", 0))
         left = body.get("remaining", {})
         left_count, left_bytes = int(left.get("count", 0)), int(left.get("bytes", 0))
     else:
         with store:
             sizes = {str(r.digest): r.size for r in store.list()}
+            tags = len(store.tags())
             gone = store.prune(older_than_s=age)
+            tags -= len(store.tags())
             pruned, freed = len(gone), sum(sizes.get(str(d), 0) for d in gone)
             usage = store.usage()
             left_count, left_bytes = usage.count, usage.bytes
     print(
-        f"pruned {pruned} blob(s) ({what}), freed {format_size(freed)}; "
+        f"pruned {pruned} blob(s) ({what}), freed {format_size(freed)}, forgot {tags} tag(s); "
         f"{left_count} blob(s), {format_size(left_bytes)} left"
     )
     return 0
@@ -448,18 +451,40 @@ def _prune_dry_run(ctx: CacheContext, age: float | None, what: str) -> int:
     from fwdproxy.core.units import format_size
 
     now = time.time()
+    cutoff = float("inf") if age is None else now - age
     with open_view(ctx.root) as view:
         rows = view.list()
-    victims = [r for r in rows if age is None or r.last_access < now - age]
-    for r in sorted(victims, key=lambda r: (r.last_access, str(r.digest))):
-        print(
-            f"would delete {short_digest(r.digest)}  {format_size(r.size)}  "
-            f"{media_kind(r.media_type)}  last used {ago(r.last_access, now)}"
+        tags = [t for t in view.tags() if t.fetched_at < cutoff]
+    victims = sorted(
+        (r for r in rows if r.last_access < cutoff), key=lambda r: (r.last_access, str(r.digest))
+    )
+    lines = [
+        (
+            "would delete",
+            short_digest(r.digest),
+            format_size(r.size),
+            media_kind(r.media_type),
+            f"last used {ago(r.last_access, now)}",
         )
+        for r in victims
+    ]
+    lines += [
+        (
+            "would forget",
+            f"{t.registry}/{t.repo}:{t.tag}",
+            "",
+            "tag",
+            f"fetched {ago(t.fetched_at, now)}",
+        )
+        for t in tags
+    ]
+    for line in table(lines, right=frozenset({2})):
+        print(line)
     freed = sum(r.size for r in victims)
     print(
-        f"dry run: would prune {len(victims)} of {len(rows)} blob(s) ({what}), "
-        f"freeing {format_size(freed)} (blobs a running proxy is serving are kept)"
+        f"dry run: would prune {len(victims)} of {len(rows)} blob(s) ({what}), freeing "
+        f"{format_size(freed)}, and forget {len(tags)} tag(s); blobs a running proxy is "
+        "serving right now would be kept"
     )
     return 0
 
