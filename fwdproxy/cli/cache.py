@@ -382,6 +382,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_here(store: BlobStore, quiet: bool) -> tuple[list[str], list[str], int, int]:
+    import logging
+
     from fwdproxy.cli.progress import Progress
 
     sizes = {str(r.digest): r.size for r in store.list()}
@@ -396,11 +398,15 @@ def _verify_here(store: BlobStore, quiet: bool) -> tuple[list[str], list[str], i
         if progress is not None:
             progress.update(done)
 
+    store_log = logging.getLogger("fwdproxy.cache.store")
+    level = store_log.level
+    store_log.setLevel(logging.ERROR)  # its per-blob warning is our BAD line, said once
     try:
         report = store.verify(step)
         if progress is not None:
             progress.update(progress.total)
     finally:
+        store_log.setLevel(level)
         if progress is not None:
             progress.close()
     bad, missing = [str(d) for d in report.bad], [str(d) for d in report.missing]
@@ -549,12 +555,18 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"mirror": mirror, **report.as_json()}))
         return 0 if report.ok else 1
-    for r in report.images:
-        what = ", ".join(r.platforms) or ("-" if r.digest else "")
-        head = f"{'ok' if r.ok else 'FAILED':6}  {r.reference or r.image}"
-        detail = f"{short_digest(r.digest)} {what}".strip() if r.digest else ""
-        size = f"{r.blobs} blob(s), {format_size(r.bytes)}" if r.blobs else ""
-        print("  ".join(x for x in (head, detail, size) if x))
+    rows = [
+        (
+            "ok" if r.ok else "FAILED",
+            r.reference or r.image,
+            short_digest(r.digest) if r.digest else "",
+            ", ".join(r.platforms) or ("-" if r.digest else ""),
+            f"{r.blobs} blob(s), {format_size(r.bytes)}" if r.blobs else "",
+        )
+        for r in report.images
+    ]
+    for r, line in zip(report.images, table(rows, right=frozenset()), strict=True):
+        print(line)
         for err in r.errors:
             print(f"        error: {err}")
     print(report.summary())

@@ -343,8 +343,9 @@ async def _fetch_blob(
         if got != desc.size:
             raise WarmError(f"got {got} bytes, the manifest says {desc.size}")
         if not desc.digest.matches(h.hexdigest()):
+            got_digest = Digest(desc.digest.algorithm, h.hexdigest())
             raise WarmError(
-                f"content hashes to {desc.digest.algorithm}:{h.hexdigest()}, not {desc.digest} "
+                f"content hashes to {_short(got_digest)}..., not to its digest "
                 "(the mirror served corrupt bytes)"
             )
         report.blobs += 1
