@@ -55,6 +55,20 @@ def check_exposure(cfg: Config, allow_any_client: bool = False) -> list[str]:
             "(allow: [CIDR, ...]) or auth: users, otherwise anyone who can reach it may use the "
             "proxy. Set allow_any_client: true (or --allow-any-client) if that is really intended."
         )
+    mirror = cfg.mirror
+    for m in mirror.listeners if mirror is not None else ():
+        if is_loopback(m.host) or m.allow or (mirror.auth and cfg.users):  # type: ignore[union-attr]
+            continue
+        if cfg.allow_any_client or allow_any_client:
+            continue
+        problems.append(
+            f"refusing to serve the registry mirror on {m.address}: a non-loopback mirror needs "
+            "an allow-list (mirror.allow: [CIDR, ...]) or mirror.auth: true with auth.users, "
+            "otherwise anyone who can reach it can make this host fetch through its tunnel. "
+            "Set allow_any_client: true (or --allow-any-client) if that is really intended."
+        )
+    if mirror is not None and mirror.auth and not cfg.users:
+        problems.append("mirror.auth: true needs users under auth.users")
     return problems
 
 
@@ -91,8 +105,12 @@ class Server:
         allow_any_client: bool = False,
         reload_source: Callable[[], Config] | None = None,
         admin_factory: Callable[[Server, Any], Service] | None = None,
+        mirror_factory: Callable[[Server, Any], Service] | None = None,
     ) -> None:
         self.allow_any_client = allow_any_client
+        # Likewise the registry mirror (fwdproxy.mirror), started when the config has one.
+        self.mirror_factory = mirror_factory
+        self.mirror: Service | None = None
         # The admin listener lives in a higher layer (fwdproxy.admin); whoever builds the
         # server passes it in (the CLI's serve passes AdminServer).
         self.admin_factory = admin_factory
@@ -129,6 +147,7 @@ class Server:
         for lst in self.state.config.listeners:
             await self._bind(lst)
         self.state.pool.start()
+        await self._start_mirror()
         await self._start_admin()
         self._refresh_own()
         addrs = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses)
@@ -160,9 +179,23 @@ class Server:
 
     def _refresh_own(self) -> None:
         own = set(self.addresses)
-        if self.admin is not None:
-            own.update(self.admin.addresses)
+        for service in (self.admin, self.mirror):
+            if service is not None:
+                own.update(service.addresses)
         self.state.own = own
+
+    async def _start_mirror(self) -> None:
+        spec = self.state.config.mirror
+        if spec is None or self.mirror_factory is None:
+            return
+        self.mirror = self.mirror_factory(self, spec)
+        try:
+            await self.mirror.start()
+        except BaseException:
+            await self.mirror.stop()
+            self.mirror = None
+            raise
+        self._refresh_own()
 
     async def _start_admin(self) -> None:
         spec = self.state.config.admin
@@ -259,6 +292,8 @@ class Server:
                     info.closer()
             await self._drain(5)
         await self.state.pool.stop()
+        if self.mirror is not None:
+            await self.mirror.stop()
         if self.admin is not None:
             await self.admin.stop()
         for srv in self._servers.values():
@@ -306,6 +341,7 @@ async def serve(
     pid_file: str | None = None,
     reload_source: Callable[[], Config] | None = None,
     admin_factory: Callable[[Server, Any], Service] | None = None,
+    mirror_factory: Callable[[Server, Any], Service] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; the `fwdproxy serve` main loop."""
     server = Server(
@@ -313,6 +349,7 @@ async def serve(
         allow_any_client=allow_any_client,
         reload_source=reload_source,
         admin_factory=admin_factory,
+        mirror_factory=mirror_factory,
     )
     await server.start()
     server.install_signal_handlers()

@@ -29,10 +29,11 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from fwdproxy import __version__
-from fwdproxy.admin.metrics import ProxyMetrics, ThroughputSampler, route_key
+from fwdproxy.admin.metrics import MirrorCollector, ProxyMetrics, ThroughputSampler, route_key
 from fwdproxy.cache.summary import summarize
 from fwdproxy.core.addr import AddressError, format_host_port, ip_of, is_loopback, split_host_port
 from fwdproxy.core.units import parse_duration
+from fwdproxy.mirror.service import MirrorService
 
 if TYPE_CHECKING:
     from fwdproxy.cache import BlobStore
@@ -65,6 +66,7 @@ class AdminServer:
         self.sampler = ThroughputSampler(
             server.state, self.metrics.ledger, sample_interval_s, history_s
         )
+        self.metrics.registry.register(MirrorCollector(lambda: self.mirror))
         self.reload_lock = asyncio.Lock()
         self.cache_lock = asyncio.Lock()  # one verify or prune at a time
         self.app = make_admin_app(self)
@@ -117,6 +119,12 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @property
+    def mirror(self) -> MirrorService | None:
+        """The server's registry mirror, when it runs one."""
+        service = getattr(self.server, "mirror", None)
+        return service if isinstance(service, MirrorService) else None
 
     # -- guards ------------------------------------------------------------------------------
 
@@ -188,6 +196,7 @@ def make_admin_app(admin: AdminServer) -> web.Application:
     app.router.add_post("/api/reload", reload)
     app.router.add_get("/api/upstreams", upstreams)
     app.router.add_get("/api/stats", stats)
+    app.router.add_get("/api/mirror", mirror)
     app.router.add_get("/api/cache", cache_info)
     app.router.add_post("/api/cache/prune", cache_prune)
     app.router.add_post("/api/cache/verify", cache_verify)
@@ -408,8 +417,18 @@ async def stats(request: web.Request) -> web.Response:
             "routes": routes,
             "history": admin.sampler.series(),
             "recent_errors": list(reversed(state.recent_errors[-RECENT_ERRORS_SHOWN:])),
+            "mirror": admin.mirror.snapshot() if admin.mirror is not None else None,
         }
     )
+
+
+async def mirror(request: web.Request) -> web.Response:
+    """The registry mirror's counters per registry and the cache's size."""
+    service = request.app[ADMIN].mirror
+    if service is None:
+        return _json({"error": "the registry mirror is not enabled (mirror: in the config)"},
+                     status=404)
+    return _json(service.snapshot())
 
 
 # -- layer cache -------------------------------------------------------------------------------
@@ -418,7 +437,12 @@ _NO_CACHE: Final = "no layer cache is configured in this proxy (cache: {dir: ...
 
 
 def _store(request: web.Request) -> BlobStore | None:
-    store: BlobStore | None = getattr(request.app[ADMIN].server, "store", None)
+    """The store this process owns: the mirror's, or one set on the server by an embedder."""
+    admin = request.app[ADMIN]
+    service = admin.mirror
+    if service is not None and service.store is not None:
+        return service.store
+    store: BlobStore | None = getattr(admin.server, "store", None)
     return store
 
 

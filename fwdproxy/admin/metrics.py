@@ -374,3 +374,68 @@ class ThroughputSampler:
         while True:
             self.sample()
             await asyncio.sleep(self.interval_s)
+
+
+class MirrorCollector(Collector):
+    """The registry mirror's counters and the cache's size, read at scrape time.
+
+    `source()` returns the running MirrorService (or None when the mirror is off), so the
+    collector can be registered before the mirror starts and survives its absence.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._source()
+        if service is None:
+            return
+        regs = service.stats.registries
+        req = CounterMetricFamily(
+            "fwdproxy_mirror_requests",
+            "Mirror requests by upstream registry and kind (manifest, blob, tags-list, ...).",
+            labels=["registry", "kind"],
+        )
+        for name, s in sorted(regs.items()):
+            for kind, n in sorted(s.requests.items()):
+                req.add_metric([name, kind], n)
+        yield req
+        simple = (
+            ("fwdproxy_mirror_cache_hits", "Answers from the cache.", "hits"),
+            ("fwdproxy_mirror_cache_misses", "Answers that needed the upstream.", "misses"),
+            ("fwdproxy_mirror_stale", "Tags answered stale because the upstream failed.", "stale"),
+            ("fwdproxy_mirror_coalesced", "Requests that joined another's upstream fetch.",
+             "coalesced"),
+            ("fwdproxy_mirror_resumes", "Upstream transfers resumed with Range after a break.",
+             "resumes"),
+            ("fwdproxy_mirror_verify_failures",
+             "Upstream bytes whose digest did not match (never served, never cached).",
+             "verify_failures"),
+            ("fwdproxy_mirror_errors", "Mirror requests answered with an error.", "errors"),
+            ("fwdproxy_mirror_cache_served_bytes", "Body bytes served from the cache.",
+             "bytes_from_cache"),
+        )
+        for metric, doc, attr in simple:
+            fam = CounterMetricFamily(metric, doc, labels=["registry"])
+            for name, s in sorted(regs.items()):
+                fam.add_metric([name], getattr(s, attr))
+            yield fam
+        fetched = CounterMetricFamily(
+            "fwdproxy_mirror_fetched_bytes",
+            "Bytes the mirror fetched from upstream registries, by registry and route.",
+            labels=["registry", "route"],
+        )
+        for name, s in sorted(regs.items()):
+            for route, n in sorted(s.bytes_fetched.items()):
+                fetched.add_metric([name, route], n)
+        yield fetched
+        store = service.store
+        if store is not None:
+            usage = store.usage()
+            yield GaugeMetricFamily("fwdproxy_cache_size_bytes", "Bytes of committed blobs.",
+                                    value=usage.bytes)
+            yield GaugeMetricFamily("fwdproxy_cache_blobs", "Committed blobs in the cache.",
+                                    value=usage.count)
+            yield GaugeMetricFamily("fwdproxy_cache_max_size_bytes",
+                                    "The cache's bound (0: unbounded).",
+                                    value=store.max_size or 0)

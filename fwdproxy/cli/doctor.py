@@ -5,6 +5,12 @@ value each Go runtime will actually use (upper case before lower case, daemon.js
 environment, CONTAINERD_* over the plain names in k3s/RKE2) and reports what will go wrong:
 HTTPS_PROXY missing (Go >= 1.16 ignores HTTP_PROXY for https), a proxy that is not this
 fwdproxy, NO_PROXY entries Go never matches, upper/lower case disagreeing, a dead listener.
+
+When a registry mirror is expected (--mirror, or a `mirror:` section in -c FILE) or a runtime is
+found pointed at it, it also reports per runtime whether pulls go through the mirror (the files
+`gen *-mirror` writes, read back with `mirrorconf`) and whether the mirror answers `GET /v2/`.
+The only network calls are a TCP connect to the proxy listener and that one GET to a loopback
+mirror address.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from fwdproxy.cli import gen, noproxy
+from fwdproxy.cli import gen, mirrorconf, noproxy
+from fwdproxy.cli.mirrorconf import Mirror, same_endpoint
 
 PROBLEM: Final = "problem"
 WARNING: Final = "warning"
@@ -39,6 +46,8 @@ REGISTRY_HOSTS: Final = (
     "public.ecr.aws",
 )
 Probe = Callable[[str, int, float], "str | None"]
+# (HTTP status, Docker-Distribution-API-Version header, error) of GET /v2/ on the mirror.
+MirrorProbe = Callable[[str, int, float], "tuple[int | None, str | None, str | None]"]
 
 
 @dataclass(slots=True)
@@ -61,6 +70,16 @@ class Expected:
     host: str
     port: int
     any_host: bool = False  # listener bound to a wildcard: any local address will do
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedMirror:
+    mirror: Mirror
+    explicit: bool = False  # --mirror or a mirror: section: report even if nothing points at it
+    any_host: bool = False  # bound to a wildcard: any local address with that port will do
+
+    def named_by(self, url: str) -> bool:
+        return same_endpoint(url, self.mirror, self.any_host)
 
 
 # --- parsers ---------------------------------------------------------------------------------
@@ -396,12 +415,313 @@ def collect(root: Path) -> list[RuntimeReport]:
     return reports
 
 
+# --- mirror ----------------------------------------------------------------------------------
+
+
+def probe_mirror(
+    host: str, port: int, timeout_s: float
+) -> tuple[int | None, str | None, str | None]:
+    """GET /v2/ over plain HTTP, straight to the address (http.client uses no proxy)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        conn.request("GET", "/v2/", headers={"User-Agent": "fwdproxy-doctor"})
+        resp = conn.getresponse()
+        resp.read(65536)
+        return resp.status, resp.getheader("Docker-Distribution-API-Version"), None
+    except (OSError, http.client.HTTPException) as e:
+        return None, None, str(e) or type(e).__name__
+    finally:
+        conn.close()
+
+
+def _hosts_dir_findings(
+    root: Path, certs_dir: str, exp: ExpectedMirror, who: str, missing: str = WARNING
+) -> tuple[list[str], list[Finding], bool]:
+    """(files, findings, pointed) for a containerd hosts directory. `missing` is the level for
+    "_default does not send pulls to the mirror"; a registry directory of its own hides
+    _default (mirrors.md §1.2), so one without the mirror is reported too."""
+    base = root / certs_dir.lstrip("/")
+    dirs = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    files: list[str] = []
+    out: list[Finding] = []
+    named: list[str] = []
+    bypass: list[str] = []
+    for d in [base / "_default", *(p for p in dirs if p.name != "_default")]:
+        path = d / "hosts.toml"
+        text = _read(path)
+        urls: list[str] = []
+        if text is not None:
+            files.append(str(path))
+            try:
+                urls = mirrorconf.hosts_toml_urls(text)
+            except ValueError as e:
+                where = f"{certs_dir}/{d.name}/hosts.toml"
+                out.append(Finding(PROBLEM, f"{where}: invalid TOML ({e}); {who} ignores it"))
+        if any(exp.named_by(u) for u in urls):
+            named.append(d.name)
+        elif d.name != "_default":
+            bypass.append(d.name)
+    if "_default" in named:
+        out.append(Finding(OK, f"{certs_dir}/_default/hosts.toml sends {who} pulls to the mirror"))
+    else:
+        msg = f"{certs_dir}/_default/hosts.toml does not name {exp.mirror.url}: {who} pulls skip it"
+        out.append(Finding(missing, msg))
+    specific = [n for n in named if n != "_default"]
+    if specific:
+        out.append(Finding(OK, f"registry directories naming the mirror: {', '.join(specific)}"))
+    if "_default" in named and bypass:
+        out.append(
+            Finding(
+                WARNING,
+                f"{certs_dir}: {mirrorconf.own(bypass, 'a directory', 'directories')} "
+                "without the mirror; such a directory hides _default, so those pulls skip the "
+                "mirror (gen ... --registry R)",
+            )
+        )
+    return files, out, bool(named)
+
+
+def _containerd_mirror(root: Path, exp: ExpectedMirror) -> tuple[RuntimeReport, bool] | None:
+    if not (root / "etc/containerd").is_dir():
+        return None
+    files, findings, pointed = _hosts_dir_findings(
+        root, mirrorconf.CONTAINERD_CERTS, exp, "containerd"
+    )
+    rep = RuntimeReport("containerd (mirror)", files, {}, findings)
+    if pointed:
+        cfg = root / mirrorconf.CONTAINERD_CONFIG.lstrip("/")
+        text = _read(cfg)
+        if text is not None:
+            rep.files.append(str(cfg))
+        check = mirrorconf.check_containerd_config(text)
+        message = " ".join([check.message, *(line.strip() for line in check.snippet)])
+        rep.findings.append(Finding(check.level, message))
+    return rep, pointed
+
+
+def _docker_mirror(root: Path, exp: ExpectedMirror) -> tuple[RuntimeReport, bool] | None:
+    if not (root / "etc/docker").is_dir():
+        return None
+    rep = RuntimeReport("docker (mirror)", [], {})
+    path = root / mirrorconf.DAEMON_JSON.lstrip("/")
+    text = _read(path)
+    mirrors: list[Any] = []
+    if text is not None:
+        rep.files.append(str(path))
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError:
+            data = {}  # reported by the daemon.json proxy check
+        found = data.get("registry-mirrors") if isinstance(data, dict) else None
+        mirrors = found if isinstance(found, list) else []
+    classic = any(isinstance(u, str) and exp.named_by(u) for u in mirrors)
+    if classic:
+        rep.findings.append(
+            Finding(OK, '"registry-mirrors" has the mirror (classic store: Docker Hub only)')
+        )
+    else:
+        rep.findings.append(
+            Finding(
+                WARNING,
+                'no "registry-mirrors" entry for the mirror: classic-store pulls '
+                "skip it (fwdproxy gen docker-mirror --write)",
+            )
+        )
+    files, findings, pointed = _hosts_dir_findings(
+        root,
+        mirrorconf.DOCKER_CERTS,
+        exp,
+        "Docker >= 28 containerd-store",
+        NOTE if classic else WARNING,
+    )
+    rep.files += files
+    rep.findings += findings
+    return rep, classic or pointed
+
+
+def _podman_mirror(root: Path, exp: ExpectedMirror) -> tuple[RuntimeReport, bool] | None:
+    if not (root / "etc/containers").is_dir():
+        return None
+    rep = RuntimeReport("podman/CRI-O (mirror)", [], {})
+    paths = [root / mirrorconf.REGISTRIES_CONF.lstrip("/")]
+    d = root / mirrorconf.REGISTRIES_DIR.lstrip("/")
+    paths += sorted(d.glob("*.conf")) if d.is_dir() else []
+    effective: dict[str, tuple[str, dict[str, Any]]] = {}
+    for p in paths:
+        text = _read(p)
+        if text is None:
+            continue
+        rep.files.append(str(p))
+        try:
+            data = mirrorconf.load_toml(text)
+        except ValueError as e:
+            rep.findings.append(
+                Finding(PROBLEM, f"{p.name}: invalid TOML ({e}); podman refuses it")
+            )
+            continue
+        for reg in mirrorconf.registries_of(data or {}):
+            effective[mirrorconf.prefix_of(reg)] = (p.name, reg)  # a later file replaces it
+    through = []
+    for prefix, (name, reg) in effective.items():
+        for mir in reg.get("mirror") or []:
+            loc = str(mir.get("location", "")) if isinstance(mir, dict) else ""
+            if not exp.named_by(loc):
+                continue
+            through.append(prefix)
+            if mir.get("insecure") is not True:
+                rep.findings.append(
+                    Finding(
+                        PROBLEM,
+                        f"{name}: mirror {loc} for {prefix} lacks insecure = true; "
+                        "the mirror is plain HTTP, so pulls skip it",
+                    )
+                )
+            if "/" not in loc.strip("/") and prefix.split("/")[0] != "docker.io":
+                rep.findings.append(
+                    Finding(
+                        PROBLEM,
+                        f"{name}: mirror {loc} for {prefix} has no /<registry> "
+                        "path, so the mirror fetches from its default registry (Docker Hub)",
+                    )
+                )
+    if through:
+        shown = ", ".join(through[:6]) + (
+            f" and {len(through) - 6} more" if len(through) > 6 else ""
+        )
+        n = len(through)
+        rep.findings.append(
+            Finding(
+                OK, f"{n} registr{'y pulls' if n == 1 else 'ies pull'} through the mirror: {shown}"
+            )
+        )
+    else:
+        rep.findings.append(
+            Finding(
+                WARNING,
+                "no registries.conf mirror names the mirror: pulls skip it "
+                "(fwdproxy gen podman-mirror --write)",
+            )
+        )
+    return rep, bool(through)
+
+
+def _k3s_mirror(
+    root: Path, exp: ExpectedMirror, name: str, path: str
+) -> tuple[RuntimeReport, bool] | None:
+    if not (root / "etc/rancher" / name).is_dir():
+        return None
+    import yaml
+
+    rep = RuntimeReport(f"{name} (mirror)", [], {})
+    p = root / path.lstrip("/")
+    text = _read(p)
+    if text is None:
+        rep.findings.append(
+            Finding(WARNING, f"no {path}: pulls skip the mirror (fwdproxy gen k3s-mirror --write)")
+        )
+        return rep, False
+    rep.files.append(str(p))
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        rep.findings.append(Finding(PROBLEM, f"invalid YAML ({e}); {name} cannot read it"))
+        return rep, False
+    mirrors = data.get("mirrors") if isinstance(data, dict) else None
+    mirrors = mirrors if isinstance(mirrors, dict) else {}
+
+    def points(key: Any) -> bool:
+        entry = mirrors.get(key)
+        eps = entry.get("endpoint") if isinstance(entry, dict) else None
+        return isinstance(eps, list) and any(isinstance(u, str) and exp.named_by(u) for u in eps)
+
+    star = points("*")
+    named = [str(k) for k in mirrors if k != "*" and points(k)]
+    hidden = [str(k) for k in mirrors if k != "*" and not points(k)]
+    if star:
+        rep.findings.append(Finding(OK, '"*" sends every registry to the mirror'))
+    else:
+        rep.findings.append(Finding(WARNING, 'no "*" mirror entry naming the mirror'))
+    if named:
+        rep.findings.append(Finding(OK, f"entries naming the mirror: {', '.join(named)}"))
+    if star and hidden:
+        rep.findings.append(
+            Finding(
+                WARNING,
+                f"{mirrorconf.own(hidden, 'an entry', 'entries')} without the mirror; k3s uses "
+                'such an entry instead of "*", so those pulls skip it',
+            )
+        )
+    return rep, star or bool(named)
+
+
+def mirror_reports(root: Path, exp: ExpectedMirror) -> tuple[list[RuntimeReport], bool]:
+    """Per runtime present under `root`: is it pointed at the mirror? (reports, any pointed)"""
+    found = [
+        _containerd_mirror(root, exp),
+        _docker_mirror(root, exp),
+        _podman_mirror(root, exp),
+        _k3s_mirror(root, exp, "k3s", mirrorconf.K3S_REGISTRIES),
+        _k3s_mirror(root, exp, "rke2", mirrorconf.RKE2_REGISTRIES),
+    ]
+    reports = [r for r, _ in (f for f in found if f)]
+    return reports, any(p for _, p in (f for f in found if f))
+
+
+def check_mirror(
+    exp: ExpectedMirror, pointed: bool, probe: MirrorProbe
+) -> tuple[dict[str, Any], list[Finding]]:
+    """Whether the mirror answers GET /v2/; only a loopback address is ever probed."""
+    m = exp.mirror
+    info: dict[str, Any] = {"address": m.address, "probed": False, "status": None, "error": None}
+    if not m.loopback:
+        note = f"mirror {m.address}: not probed (doctor only probes loopback addresses)"
+        return info, [Finding(NOTE, note)]
+    status, api, err = probe(m.host, m.port, 2.0)
+    info.update(probed=True, status=status, error=err)
+    if err is not None:
+        why = "; runtimes pointed at it fall back to the registries (slower, uncached)"
+        level = WARNING if pointed else NOTE
+        return info, [
+            Finding(
+                level,
+                f"mirror {m.address} is not answering ({err}), /v2/ check "
+                f"skipped{why if pointed else ''}",
+            )
+        ]
+    if status in (200, 401):
+        out = [Finding(OK, f"mirror {m.address} answers GET /v2/ ({status})")]
+        if api != "registry/2.0":
+            out.append(
+                Finding(
+                    NOTE,
+                    f"mirror {m.address}: no Docker-Distribution-API-Version: registry/2.0 header",
+                )
+            )
+        return info, out
+    return info, [
+        Finding(
+            PROBLEM,
+            f"{m.address} answers GET /v2/ with {status}: not a registry "
+            "mirror (another service on that port?)",
+        )
+    ]
+
+
 def _has_proxy(rep: RuntimeReport) -> bool:
     return any(k.upper().removeprefix("CONTAINERD_") in BASES for k in rep.settings)
 
 
-def diagnose(root: Path, exp: Expected, probe: Probe = probe_tcp) -> dict[str, Any]:
-    """The whole report as plain data (the --json output)."""
+def diagnose(
+    root: Path,
+    exp: Expected,
+    probe: Probe = probe_tcp,
+    mirror: ExpectedMirror | None = None,
+    mirror_probe: MirrorProbe = probe_mirror,
+) -> dict[str, Any]:
+    """The whole report as plain data (the --json output). The mirror part appears when the
+    mirror is expected or some runtime points at it; `report["mirror"]` is None otherwise."""
     reports = collect(root)
     configured = []
     for rep in reports:
@@ -434,13 +754,27 @@ def diagnose(root: Path, exp: Expected, probe: Probe = probe_tcp) -> dict[str, A
                 "daemon.json wins on Engine >= 23, the drop-in before",
             )
         )
+    mirror_runtimes: list[RuntimeReport] = []
+    mirror_info: dict[str, Any] | None = None
+    mirror_findings: list[Finding] = []
+    if mirror is not None:
+        mirror_runtimes, pointed = mirror_reports(root, mirror)
+        if mirror.explicit or pointed:
+            mirror_info, mirror_findings = check_mirror(mirror, pointed, mirror_probe)
+            mirror_info["pointed"] = pointed
+        else:
+            mirror_runtimes = []
     if not configured:
-        global_findings.append(
-            Finding(
-                PROBLEM,
-                "no container runtime is configured to use a proxy; see `fwdproxy gen --help`",
+        if mirror_info and mirror_info["pointed"]:
+            msg = "no container runtime uses fwdproxy as a proxy: only mirrored pulls go through it"
+            global_findings.append(Finding(WARNING, msg))
+        else:
+            global_findings.append(
+                Finding(
+                    PROBLEM,
+                    "no container runtime is configured to use a proxy; see `fwdproxy gen --help`",
+                )
             )
-        )
     err = probe(exp.host, exp.port, 1.0)
     listener = {
         "address": gen.format_hostport(exp.host, exp.port),
@@ -451,12 +785,15 @@ def diagnose(root: Path, exp: Expected, probe: Probe = probe_tcp) -> dict[str, A
         global_findings.append(
             Finding(PROBLEM, f"fwdproxy listener {listener['address']} is not reachable: {err}")
         )
+    global_findings += mirror_findings
+    reports += mirror_runtimes
     every = global_findings + [f for r in reports for f in r.findings]
     problems = sum(f.level == PROBLEM for f in every)
     return {
         "root": str(root),
         "proxy": exp.url,
         "listener": listener,
+        "mirror": mirror_info,
         "runtimes": [asdict(r) for r in reports],
         "findings": [asdict(f) for f in global_findings],
         "problems": problems,
@@ -470,6 +807,14 @@ def render_text(report: Mapping[str, Any]) -> str:
     lst = report["listener"]
     state = "reachable" if lst["reachable"] else f"NOT reachable ({lst['error']})"
     lines.append(f"listener {lst['address']}: {state}")
+    mir = report.get("mirror")
+    if mir:
+        if not mir["probed"]:
+            lines.append(f"mirror {mir['address']}: not probed")
+        elif mir["error"]:
+            lines.append(f"mirror {mir['address']}: not answering ({mir['error']})")
+        else:
+            lines.append(f"mirror {mir['address']}: GET /v2/ -> {mir['status']}")
     for r in report["runtimes"]:
         lines.append(f"{r['name']}: {', '.join(r['files'])}")
         lines += [f"  {f['level'].upper():<8} {f['message']}" for f in r["findings"]]
@@ -489,10 +834,16 @@ examples:
   fwdproxy doctor -c /etc/fwdproxy/rules.yaml   # expect the config's first listener
   fwdproxy doctor --proxy http://172.17.0.1:3128 --json
   fwdproxy doctor --root /tmp/stage        # check files staged by `fwdproxy gen --root`
+  fwdproxy doctor --mirror 127.0.0.1:5000  # also check the runtimes against the registry mirror
 
 It reads (under --root): docker/containerd/crio drop-ins in /etc/systemd/system/*.service.d/,
 /etc/docker/daemon.json, /etc/containers/containers.conf(.d), k3s/k3s-agent .service.env and
 /etc/default/rke2-{server,agent}. Exit status 0: all good; 1: problems found.
+
+Mirror checks (with --mirror, a mirror: section in -c FILE, or any runtime pointed at
+127.0.0.1:5000): containerd and Docker certs.d/*/hosts.toml and containerd's config_path,
+daemon.json "registry-mirrors", registries.conf(.d) mirrors, k3s/RKE2 registries.yaml; then
+GET /v2/ on the mirror if its address is loopback (a mirror that is not running is skipped).
 To see what a running daemon really has: systemctl show --property=Environment docker
 """
 
@@ -501,12 +852,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `doctor` to the CLI's subparsers; it sets func=main."""
     p = subparsers.add_parser(
         "doctor",
-        help="check the container runtimes' proxy settings (read-only)",
+        help="check the container runtimes' proxy and mirror settings (read-only)",
         description="Check that the container runtimes on this host use fwdproxy correctly.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_proxy_args(p)
+    p.add_argument(
+        "--mirror",
+        metavar="HOST:PORT",
+        help="expect the registry mirror here (default: mirror.listen of -c FILE, else "
+        f"{mirrorconf.DEFAULT_MIRROR} when a runtime points there)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=main)
     return p
@@ -521,6 +878,22 @@ def expected_from_args(args: argparse.Namespace) -> Expected:
     return Expected(url, parts.hostname or "127.0.0.1", parts.port or 3128, any_host)
 
 
+def expected_mirror(args: argparse.Namespace) -> ExpectedMirror:
+    """--mirror, else the config's mirror listener, else the default (reported only if used)."""
+    if getattr(args, "mirror", None) is not None:
+        return ExpectedMirror(mirrorconf.parse_mirror_address(args.mirror), explicit=True)
+    if getattr(args, "config", None):
+        from fwdproxy.config import load_config
+
+        spec = getattr(load_config(args.config), "mirror", None)
+        if spec is not None and int(spec.listeners[0].port):
+            host = str(spec.listeners[0].host).strip("[]")
+            wildcard = host in ("", "0.0.0.0", "::")
+            m = Mirror("127.0.0.1" if wildcard else host, int(spec.listeners[0].port))
+            return ExpectedMirror(m, explicit=True, any_host=wildcard)
+    return ExpectedMirror(mirrorconf.parse_mirror_address(mirrorconf.DEFAULT_MIRROR))
+
+
 def _config_is_wildcard(path: str) -> bool:
     from fwdproxy.config import load_config
 
@@ -529,16 +902,19 @@ def _config_is_wildcard(path: str) -> bool:
     return host == "" or (ip is not None and ip.is_unspecified)
 
 
-def main(args: argparse.Namespace, probe: Probe = probe_tcp) -> int:
+def main(
+    args: argparse.Namespace, probe: Probe = probe_tcp, mirror_probe: MirrorProbe = probe_mirror
+) -> int:
     try:
         exp = expected_from_args(args)
+        mirror = expected_mirror(args)
     except gen.GenError as e:
         print(f"fwdproxy doctor: error: {e}", file=sys.stderr)
         return e.code
     except Exception as e:  # someone else's config loader: one clear line, not a traceback
         print(f"fwdproxy doctor: error: cannot read {args.config}: {e}", file=sys.stderr)
         return 1
-    report = diagnose(Path(args.root), exp, probe)
+    report = diagnose(Path(args.root), exp, probe, mirror, mirror_probe)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -547,7 +923,7 @@ def main(args: argparse.Namespace, probe: Probe = probe_tcp) -> int:
     return 0 if report["ok"] else 1
 
 
-def run(argv: list[str], probe: Probe = probe_tcp) -> int:
+def run(argv: list[str], probe: Probe = probe_tcp, mirror_probe: MirrorProbe = probe_mirror) -> int:
     """`fwdproxy doctor ARGV...` without cli.py (tests, scripts)."""
     parser = argparse.ArgumentParser(prog="fwdproxy")
     register(parser.add_subparsers(dest="command", required=True))
@@ -555,4 +931,4 @@ def run(argv: list[str], probe: Probe = probe_tcp) -> int:
         args = parser.parse_args(["doctor", *argv])
     except SystemExit as e:
         return int(e.code or 0)
-    return main(args, probe)
+    return main(args, probe, mirror_probe)

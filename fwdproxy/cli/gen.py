@@ -1,5 +1,8 @@
 """`fwdproxy gen TARGET`: proxy settings for container runtimes, in each consumer's own syntax.
 
+The `*-mirror` targets (registry mirror instead of proxy) live in `genmirror`; this module owns
+the command line for both.
+
 Every runtime here is a Go program, so the values follow Go's rules (registries.md §2/§3):
 HTTPS_PROXY must be set (Go >= 1.16 never falls back to HTTP_PROXY for https), proxy URLs use
 http:// (the listener speaks plain HTTP CONNECT), and NO_PROXY is built by `noproxy`.
@@ -11,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from fwdproxy.cli import noproxy
+from fwdproxy.cli import genmirror, noproxy
+from fwdproxy.cli.genfiles import GenError, load_json_object, read_text, root_path, write_file
 
 DEFAULT_PROXY: Final = "http://127.0.0.1:3128"
 _SAFE_URL: Final = re.compile(r"^[A-Za-z0-9._~%!&()*+,;=:@/\[\]-]+$")
@@ -33,14 +34,6 @@ _END: Final = "# END fwdproxy"
 _PROXY_KEYS: Final = frozenset(
     f"{pre}{k}" for k in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY") for pre in ("", "CONTAINERD_")
 ) | {"http_proxy", "https_proxy", "no_proxy"}
-
-
-class GenError(Exception):
-    """A problem reported as one clear line; `code` is the exit status (2 usage, 1 runtime)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,17 +163,7 @@ def daemon_json_block(s: Settings) -> dict[str, str]:
 
 def render_daemon_json(s: Settings, existing: str | None = None, path: str = "") -> str:
     """A daemon.json with the proxies block merged in; every other key keeps its place."""
-    data: dict[str, Any] = {}
-    if existing is not None and existing.strip():
-        try:
-            data = json.loads(existing, object_pairs_hook=dict)
-        except json.JSONDecodeError as e:
-            raise GenError(
-                f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
-                "file left untouched"
-            ) from None
-        if not isinstance(data, dict):
-            raise GenError(f"{path}: top level is not a JSON object; file left untouched")
+    data = load_json_object(existing, path)
     proxies = data.get("proxies")
     if not isinstance(proxies, dict):
         proxies = {}
@@ -360,58 +343,6 @@ def path_and_restart(t: Target, agent: bool) -> tuple[str, str, str]:
     return path, restart, service
 
 
-def root_path(root: str, path: str) -> Path:
-    return Path(root) / path.lstrip("/")
-
-
-# --- atomic write ----------------------------------------------------------------------------
-
-
-def read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        raise GenError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
-def _atomic_write(path: Path, content: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_file(path: Path, content: str, new_mode: int = 0o644) -> str:
-    """ "created" | "updated" | "unchanged"; a different old file is kept as PATH.bak."""
-    if path.is_symlink():
-        path = path.resolve()
-    old = read_text(path)
-    if old == content:
-        return "unchanged"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = new_mode
-        if old is not None:
-            mode = path.stat().st_mode & 0o7777
-            _atomic_write(path.with_name(path.name + ".bak"), old, mode)
-        _atomic_write(path, content, mode)
-    except OSError as e:
-        raise GenError(f"{path}: cannot write: {e.strerror or e}") from None
-    return "created" if old is None else "updated"
-
-
 # --- command ---------------------------------------------------------------------------------
 
 EXAMPLES: Final = """\
@@ -426,6 +357,14 @@ examples:
   fwdproxy gen no-proxy --no-detect --no-proxy-extra registry.corp.example,.corp.example
   fwdproxy gen docker-dropin --root /tmp/stage --write   # write under /tmp/stage/etc/...
 
+mirror targets (fwdproxy's pull-through registry mirror, plain HTTP, no CA needed):
+  fwdproxy gen containerd-mirror --write         # certs.d/_default/hosts.toml; checks config_path
+  fwdproxy gen docker-mirror --write             # registry-mirrors + /etc/docker/certs.d/_default
+  fwdproxy gen podman-mirror --write             # registries.conf.d/50-fwdproxy-mirror.conf
+  fwdproxy gen k3s-mirror --rke2 --write         # registries.yaml "*" mirror, merged
+  fwdproxy gen containerd-mirror --help          # what a target writes, versions, what to restart
+The mirror address: --mirror HOST:PORT, else mirror.listen of -c FILE, else 127.0.0.1:5000.
+
 NO_PROXY = localhost,127.0.0.1,127.0.0.0/8,::1 + this node's addresses and subnets (from
 `ip -j addr`, skip with --no-detect) + --cluster-cidr/--service-cidr + .svc,.cluster.local
 + 169.254.169.254 + --no-proxy-extra. With fwdproxy it is a shortcut, not a correctness
@@ -433,23 +372,67 @@ requirement: a host not listed is still connected directly by fwdproxy.
 """
 
 
+class _TargetHelp(argparse.Action):
+    """-h/--help: after a *-mirror target, that target's own page (what it writes, which
+    runtime versions read it, what to restart); otherwise the usual help."""
+
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str = argparse.SUPPRESS,
+        default: Any = argparse.SUPPRESS,
+        help: str | None = None,
+    ) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        target = getattr(namespace, "target", None)
+        if target in genmirror.TARGETS:
+            sys.stdout.write(genmirror.help_text(target))
+        else:
+            parser.print_help()
+        parser.exit()
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `gen` to the CLI's subparsers; it sets func=main."""
     p = subparsers.add_parser(
         "gen",
-        help="print or install proxy settings for a container runtime",
-        description="Generate proxy settings that point a container runtime at fwdproxy.\n\n"
-        + "targets:\n"
-        + "\n".join(f"  {t.name:<18} {t.help}" for t in TARGETS.values()),
+        help="print or install proxy or registry-mirror settings for a container runtime",
+        description="Generate settings that point a container runtime at fwdproxy.\n\n"
+        + "proxy targets:\n"
+        + "\n".join(f"  {t.name:<18} {t.help}" for t in TARGETS.values())
+        + "\n\nmirror targets (TARGET --help for details):\n"
+        + "\n".join(f"  {t.name:<18} {t.help}" for t in genmirror.TARGETS.values()),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
-    p.add_argument("target", choices=list(TARGETS), metavar="TARGET", help="see the list above")
+    p.add_argument(
+        "-h",
+        "--help",
+        action=_TargetHelp,
+        help="show this help (after a *-mirror target: that target's help) and exit",
+    )
+    p.add_argument(
+        "target",
+        choices=[*TARGETS, *genmirror.TARGETS],
+        metavar="TARGET",
+        help="see the lists above",
+    )
     add_proxy_args(p)
     p.add_argument(
         "--write", action="store_true", help="install at the standard path (under --root)"
     )
-    p.add_argument("--agent", action="store_true", help="k3s-env/rke2-env: the agent's file")
+    p.add_argument(
+        "--agent", action="store_true", help="k3s-env/rke2-env/k3s-mirror: the agent's file/unit"
+    )
     p.add_argument(
         "--containerd-only",
         action="store_true",
@@ -474,6 +457,41 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="LIST",
         help="more NO_PROXY entries, comma-separated (repeatable)",
     )
+    m = p.add_argument_group("mirror targets")
+    m.add_argument(
+        "--mirror",
+        metavar="HOST:PORT",
+        help=f"the mirror's address (default: mirror.listen of -c FILE, else "
+        f"{genmirror.DEFAULT_MIRROR})",
+    )
+    m.add_argument(
+        "--registry",
+        action="append",
+        default=[],
+        metavar="R",
+        help="also a registry directory/entry of its own for R (repeatable); podman-mirror: "
+        "a registry on top of the catalog's",
+    )
+    m.add_argument(
+        "--only-registry",
+        action="append",
+        default=[],
+        metavar="R",
+        help="podman-mirror: exactly these registries (repeatable)",
+    )
+    m.add_argument(
+        "--certs-dir",
+        metavar="DIR",
+        help="containerd-mirror/docker-mirror: the hosts directory (default "
+        f"{genmirror.CONTAINERD_CERTS} / {genmirror.DOCKER_CERTS})",
+    )
+    m.add_argument(
+        "--store",
+        choices=("both", "classic", "containerd"),
+        default="both",
+        help="docker-mirror: daemon.json (classic), hosts.toml (containerd) or both",
+    )
+    m.add_argument("--rke2", action="store_true", help="k3s-mirror: RKE2's registries.yaml")
     p.set_defaults(func=main)
     return p
 
@@ -521,6 +539,9 @@ def render(
 
 def main(args: argparse.Namespace) -> int:
     try:
+        genmirror.check_flags(args)
+        if args.target in genmirror.TARGETS:
+            return genmirror.run_target(args)
         return _main(args, noproxy.detect_node_addresses)
     except GenError as e:
         print(f"fwdproxy gen: error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ examples:
   fwdproxy explain nginx:1.27                     # every host a pull touches, and its route
   fwdproxy discover dockerhub                     # live check of a registry's redirect hosts
   fwdproxy gen docker-dropin --write              # point dockerd at fwdproxy
+  fwdproxy gen containerd-mirror --write          # pull through fwdproxy's registry mirror
   fwdproxy cache du                               # the mirror's layer cache, per registry
   HTTPS_PROXY=http://127.0.0.1:3128 skopeo inspect docker://nginx
 
@@ -75,7 +76,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fwdproxy.cli.logsetup import setup_logging
     from fwdproxy.core.errors import ConfigError
 
-    overrides = {"upstream_override": args.upstream, "listen_override": args.listen or None}
+    overrides = {
+        "upstream_override": args.upstream,
+        "listen_override": args.listen or None,
+        "mirror_override": args.mirror,
+        "cache_dir_override": args.cache_dir,
+    }
     try:
         cfg = _load(args, **overrides)
     except ConfigError as e:
@@ -95,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _warn_config(cfg)
     from fwdproxy.admin.app import AdminServer
     from fwdproxy.config import load_config
+    from fwdproxy.mirror.service import MirrorService
     from fwdproxy.server import serve
 
     def reload_source() -> Any:
@@ -109,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 pid_file=args.pid_file,
                 reload_source=reload_source,
                 admin_factory=AdminServer,
+                mirror_factory=lambda server, spec: MirrorService(server.state, spec),
             )
         )
     except ConfigError as e:
@@ -182,6 +190,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  upstreams: {ups or 'none'}")
     print(f"  rules:     {len(cfg.router.rules)} (default: {cfg.router.default.route})")
     print(f"  registries in catalog: {len(cfg.catalog)}")
+    if cfg.mirror is not None:
+        from fwdproxy.core.units import format_size
+
+        m = cfg.mirror
+        where = ", ".join(f"http://{x.address}" for x in m.listeners)
+        print(f"  mirror:    {where} (default registry {m.default_registry}, tag TTL "
+              f"{m.tag_ttl_s:g}s, stale up to {m.serve_stale_s:g}s)")
+        if cfg.cache is not None:
+            bound = format_size(cfg.cache.max_size) if cfg.cache.max_size else "unbounded"
+            print(f"  cache:     {cfg.cache.dir} (max {bound})")
+        else:
+            print("  cache:     none (the mirror streams without storing)")
     return 0
 
 
@@ -382,6 +402,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
   fwdproxy serve -c rules.yaml --listen 127.0.0.1:3128 --upstream socks5://127.0.0.1:7890
   fwdproxy serve --listen 172.17.0.1:3128     # refused unless rules.yaml has allow: or auth:
   FWDPROXY_UPSTREAM=http://10.0.0.5:8080 fwdproxy serve
+  fwdproxy serve --mirror 127.0.0.1:5000 --cache-dir /var/cache/fwdproxy
+                                              # + a registry mirror with a layer cache
 """,
     )
     add_config_arg(p)
@@ -410,6 +432,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve /metrics, the admin API and the dashboard here (overrides admin: in the "
         "config; the token stays admin.token, or $FWDPROXY_ADMIN_TOKEN)",
+    )
+    p.add_argument(
+        "--mirror",
+        metavar="HOST:PORT",
+        help="also serve the registry mirror (OCI pull API) here; overrides mirror.listen. "
+        "Runtimes pull through it without a CA: see `fwdproxy gen containerd-mirror`",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep the mirror's layer cache here (overrides cache.dir; without one the mirror "
+        "streams without storing)",
     )
     p.add_argument(
         "--loop",

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_MIRROR_LISTEN",
     "CacheSpec",
     "MirrorListener",
+    "MirrorParent",
     "MirrorRegistry",
     "MirrorSpec",
     "parse_cache",
@@ -46,6 +47,25 @@ class MirrorRegistry:
 
 
 @dataclass(frozen=True, slots=True)
+class MirrorParent:
+    """Another fwdproxy mirror (a cluster's gateway cache) asked before the registry itself.
+    `url` is `http(s)://host:port`; credentials are for its `mirror.auth` (never logged)."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split("://", 1)[0]
+
+    @property
+    def authority(self) -> str:
+        return self.url.split("://", 1)[1]
+
+
+@dataclass(frozen=True, slots=True)
 class MirrorListener:
     host: str
     port: int
@@ -68,6 +88,7 @@ class MirrorSpec:
     serve_stale_s: float = 7 * 86400.0  # 0: never answer from a stale tag
     fetch_timeout_s: float = 30.0  # no upstream progress for this long breaks a fetch
     retries: int = 5  # resumes of one blob before the client gets an error
+    parents: tuple[MirrorParent, ...] = ()  # tried in order before the node's own route
 
     def registry(self, name: str) -> MirrorRegistry:
         return self.registries.get(name) or MirrorRegistry(name)
@@ -94,6 +115,7 @@ _MIRROR_KEYS: Final = {
     "serve_stale",
     "fetch_timeout",
     "retries",
+    "parent",
 }
 _REGISTRY_KEYS: Final = {"username", "password", "ca_file", "plain_http"}
 
@@ -201,6 +223,40 @@ def _registries(raw: Any, line: int | None, env: Mapping[str, str], base: Path,
     return out
 
 
+def _parents(raw: Any, line: int | None, env: Mapping[str, str], base: Path,
+             add: Add) -> tuple[MirrorParent, ...]:
+    """`parent: URL`, a list of URLs, or of {url, username, password, ca_file}."""
+    out = []
+    items = raw if isinstance(raw, list) else ([] if raw is None else [raw])
+    for i, item in enumerate(items):
+        where = f"mirror.parent[{i}]" if isinstance(raw, list) else "mirror.parent"
+        iline = line_of(item) or line
+        spec = item if isinstance(item, dict) else {"url": item}
+        for k in set(spec) - {"url", "username", "password", "ca_file"}:
+            add(iline, f"{where}.{k}", "unknown key; known: url, username, password, ca_file")
+        url = str(spec.get("url", ""))
+        scheme, sep, rest = url.partition("://")
+        rest = rest.rstrip("/")
+        try:
+            if scheme not in ("http", "https") or not sep or "/" in rest or "@" in rest:
+                raise AddressError("must be http://HOST:PORT or https://HOST:PORT (no path)")
+            split_host_port(rest, 443 if scheme == "https" else 80)
+        except AddressError as e:
+            add(iline, where, f"{url!r}: {e}")
+            continue
+        password = _secret(spec.get("password"), f"{where}.password", iline, env, base, add)
+        ca_file = spec.get("ca_file")
+        if ca_file is not None:
+            ca_path = (base / str(ca_file)).expanduser()
+            if not ca_path.is_file():
+                add(iline, f"{where}.ca_file", f"no such file: {ca_path}")
+            ca_file = str(ca_path)
+        username = spec.get("username")
+        out.append(MirrorParent(f"{scheme}://{rest}",
+                                None if username is None else str(username), password, ca_file))
+    return tuple(out)
+
+
 def _seconds(raw: Mapping[str, Any], key: str, default: float, add: Add) -> float:
     if key not in raw:
         return default
@@ -267,6 +323,7 @@ def parse_mirror(raw: Any, env: Mapping[str, str], base: Path, add: Add,
         serve_stale_s=_seconds(raw, "serve_stale", 7 * 86400.0, add),
         fetch_timeout_s=_seconds(raw, "fetch_timeout", 30.0, add) or 30.0,
         retries=retries,
+        parents=_parents(raw.get("parent"), line_of(raw, "parent") or line, env, base, add),
     )
 
 

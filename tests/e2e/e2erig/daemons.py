@@ -57,11 +57,13 @@ class Containerd:
     hosts_dir: Path
 
 
-def start_containerd(rig: Rig) -> Containerd:
-    base = rig.tmp / "containerd"
+def start_containerd(rig: Rig, name: str = "containerd") -> Containerd:
+    """A containerd of its own (state under rig.tmp/NAME) with certs.d entries that send the
+    public registries and the intranet one straight to their servers (with the rig's CA)."""
+    base = rig.tmp / name
     base.mkdir()
     conf = render("containerd.toml", base / "config.toml", DIR=str(base))
-    proc = rig.sup.start("containerd", rig.node, ["containerd", "--config", str(conf)])
+    proc = rig.sup.start(name, rig.node, ["containerd", "--config", str(conf)])
     sock = base / "containerd.sock"
 
     def answers() -> bool:
@@ -100,18 +102,29 @@ class Dockerd:
     dropin: str
 
 
-def start_dockerd(rig: Rig, containerd: Containerd, proxy_url: str) -> Dockerd:
+def start_dockerd(rig: Rig, containerd: Containerd, proxy_url: str | None, *,
+                  name: str = "docker", daemon_json: dict[str, object] | None = None) -> Dockerd:
+    """dockerd in the node with its own data/exec roots and socket under rig.tmp/NAME.
+
+    With `proxy_url` it takes its proxy from the generated systemd drop-in; without one it has
+    no proxy at all (e.g. a daemon that only pulls through a registry mirror on loopback).
+    `daemon_json` is its daemon.json. A second daemon keeps its containers in a containerd
+    namespace of its own, so two can share one containerd.
+    """
     if not DOCKER_ETC.is_dir():
         raise RuntimeError(f"{DOCKER_ETC} must exist as a mount point (docker.io creates it)")
-    base = rig.tmp / "docker"
+    base = rig.tmp / name
     etc = base / "etc"
-    for name in ("quay.io", f"{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}"):
-        (etc / "certs.d" / name).mkdir(parents=True)
-        shutil.copy(rig.ca.cert, etc / "certs.d" / name / "ca.crt")
-    (etc / "daemon.json").write_text("{}\n")
-    dropin = gen_file(rig, "docker-dropin", proxy_url, base / "dropin-root")
-    env = parse_systemd_environment(dropin)
-    assert env.get("HTTPS_PROXY") == proxy_url, f"drop-in without HTTPS_PROXY:\n{dropin}"
+    for registry in ("quay.io", f"{INTRA_REGISTRY}:{INTRA_REGISTRY_PORT}"):
+        (etc / "certs.d" / registry).mkdir(parents=True)
+        shutil.copy(rig.ca.cert, etc / "certs.d" / registry / "ca.crt")
+    (etc / "daemon.json").write_text(json.dumps(daemon_json or {}) + "\n")
+    dropin = ""
+    env: dict[str, str] = {}
+    if proxy_url is not None:
+        dropin = gen_file(rig, "docker-dropin", proxy_url, base / "dropin-root")
+        env = parse_systemd_environment(dropin)
+        assert env.get("HTTPS_PROXY") == proxy_url, f"drop-in without HTTPS_PROXY:\n{dropin}"
     # Docker Hub has no certs.d entry of its own (dockerd uses the system pool for it).
     env["SSL_CERT_FILE"] = str(rig.ca.cert)
     sock = base / "docker.sock"
@@ -133,7 +146,11 @@ def start_dockerd(rig: Rig, containerd: Containerd, proxy_url: str) -> Dockerd:
         "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
         "--storage-driver=vfs", "--userland-proxy=false",
     ]
-    proc = rig.sup.start("dockerd", None, argv, env=env)
+    if name != "docker":
+        argv += ["--containerd-namespace", f"{name}-moby",
+                 "--containerd-plugins-namespace", f"{name}-plugins"]
+    proc = rig.sup.start(f"dockerd-{name}" if name != "docker" else "dockerd", None, argv,
+                         env=env)
     host = f"unix://{sock}"
 
     def answers() -> bool:
@@ -173,10 +190,10 @@ def setup_podman(rig: Rig, proxy_url: str) -> Podman:
     return Podman(base=base, conf=conf, config_text=text)
 
 
-def podman(rig: Rig, p: Podman, args: list[str],
-           timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+def podman(rig: Rig, p: Podman, args: list[str], timeout_s: float = 60.0,
+           **extra_env: str) -> subprocess.CompletedProcess[str]:
     # No proxy variables in the environment: podman must take them from the generated file.
-    env = rig.client_env(CONTAINERS_CONF=str(p.conf))
+    env = rig.client_env(CONTAINERS_CONF=str(p.conf), **extra_env)
     return rig.node.run(p.argv(args), env=env, timeout_s=timeout_s)
 
 

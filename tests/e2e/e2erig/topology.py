@@ -299,6 +299,16 @@ class Rig:
         )
         ref.image.pushed_digests[ref.registry] = digest_file.read_text().strip()
 
+    def publish(self, images: dict[str, ImageRef]) -> None:
+        """Push more images after the build (a test module's own); `image(key)` finds them.
+        One TestImage may appear under several keys (the same image in two registries)."""
+        clash = set(images) & set(self.images)
+        if clash:
+            raise ValueError(f"images already published: {sorted(clash)}")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(self._push, images.values()))
+        self.images.update(images)
+
     def image(self, key: str) -> ImageRef:
         return self.images[key]
 

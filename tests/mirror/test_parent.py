@@ -1,0 +1,87 @@
+"""A node mirror with a parent (the cluster's gateway cache): one fetch per cluster, fallback
+to the node's own route when the parent is down, and loops refused."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import closed_port
+from tests.mirror.conftest import running_mirror
+from tests.mirror.fakeregistry import FakeRegistry, mirror_config
+
+REPO = "team/app"
+
+
+def biggest(reg: FakeRegistry) -> str:
+    return max(reg.blobs, key=lambda d: len(reg.blobs[d]))
+
+
+async def test_nodes_share_the_parents_fetch(tmp_path: Path, registry: FakeRegistry) -> None:
+    regs = {registry.host: {"plain_http": True}}
+    async with running_mirror(mirror_config(str(tmp_path / "gw"), registries=regs)) as gw:
+        parent = gw.url
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = [
+                await stack.enter_async_context(running_mirror(mirror_config(
+                    str(tmp_path / f"n{i}"), registries=regs, parent=parent)))
+                for i in range(3)
+            ]
+            d = biggest(registry)
+            for node in nodes:
+                async with await node.get(f"/v2/{REPO}/manifests/v1?ns={registry.host}") as r:
+                    assert r.status == 200, await r.text()
+                async with await node.get(f"/v2/{REPO}/blobs/{d}?ns={registry.host}") as r:
+                    assert r.status == 200
+                    assert await r.read() == registry.blobs[d]
+                fetched = node.service.stats[registry.host].bytes_fetched
+                assert set(fetched) == {f"parent {parent.removeprefix('http://')}"}
+        assert registry.blob_gets[d] == 1
+        assert registry.manifest_heads["v1"] == 1  # later nodes got the parent's fresh tag
+        assert gw.service.stats[registry.host].hits >= 2
+
+
+async def test_parent_down_falls_back_to_the_own_route(tmp_path: Path,
+                                                       registry: FakeRegistry,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    regs = {registry.host: {"plain_http": True}}
+    dead = f"http://127.0.0.1:{closed_port()}"
+    cfg = mirror_config(str(tmp_path / "n"), registries=regs, parent=[dead])
+    async with running_mirror(cfg) as node:
+        d = biggest(registry)
+        with caplog.at_level(logging.WARNING, "fwdproxy.mirror"):
+            async with await node.get(f"/v2/{REPO}/blobs/{d}?ns={registry.host}") as r:
+                assert r.status == 200
+                assert await r.read() == registry.blobs[d]
+        assert f"parent {dead} failed" in caplog.text
+        assert registry.blob_gets[d] == 1
+
+
+async def test_a_loop_of_parents_is_refused(tmp_path: Path, registry: FakeRegistry,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    regs = {registry.host: {"plain_http": True}}
+    async with running_mirror(mirror_config(str(tmp_path / "a"), registries=regs)) as a:
+        async with await a.get(f"/v2/{REPO}/manifests/v1?ns={registry.host}",
+                               headers={"X-Fwdproxy-Via": f"x, {a.service.mirror.instance_id}"}
+                               ) as r:  # type: ignore[union-attr]
+            assert r.status == 508
+            assert "mirror loop" in (await r.json())["errors"][0]["message"]
+        # b's parent is a, whose parent is b: a request to b comes back to b and is refused
+        # there; b then falls back to its own route instead of following the loop.
+        cfg_b = mirror_config(str(tmp_path / "b"), registries=regs, parent=a.url)
+        async with running_mirror(cfg_b) as b:
+            import dataclasses
+
+            from fwdproxy.config.mirror import MirrorParent
+
+            cfg = a.server.state.config
+            assert cfg.mirror is not None
+            a.server.state.config = dataclasses.replace(
+                cfg, mirror=dataclasses.replace(cfg.mirror, parents=(MirrorParent(b.url),)))
+            with caplog.at_level(logging.WARNING, "fwdproxy.mirror"):
+                async with await b.get(f"/v2/{REPO}/manifests/v1?ns={registry.host}") as r:
+                    assert r.status == 200
+            assert "refused a loop of mirrors" in caplog.text
