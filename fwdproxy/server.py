@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fwdproxy.config import Config, Listener, load_config
 from fwdproxy.core.addr import is_loopback
@@ -23,6 +23,9 @@ from fwdproxy.net.upstreams import UpstreamPool
 from fwdproxy.proxy.accesslog import ACCESS
 from fwdproxy.proxy.connection import ClientConnection
 from fwdproxy.proxy.state import ConnInfo, Observer, ServerState
+
+if TYPE_CHECKING:
+    from fwdproxy.cache import BlobStore
 
 __all__ = ["ConnInfo", "Observer", "Server", "ServerState", "Service", "check_exposure", "serve"]
 
@@ -120,6 +123,9 @@ class Server:
         self._stopped = asyncio.Event()
         self._sigint_count = 0
         self.admin: Service | None = None
+        # The mirror's layer cache when `cache:` is configured (the mirror sets it); the admin
+        # API's /api/cache endpoints act on it, since this process holds the store's lock.
+        self.store: BlobStore | None = None
 
     # -- listeners ---------------------------------------------------------------------------
 

@@ -695,3 +695,15 @@ def test_big_rule_file_with_a_duplicate_key_is_refused_as_pyyaml_refuses_it() ->
 
     with pytest.raises(yaml.YAMLError, match="duplicate key"):
         load_yaml(_big_rules_text("\n  - {domain: [a.example], domain: b.example}"))
+
+
+def test_default_config_falls_back_to_the_shipped_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fwdproxy.config import default_config_path
+
+    monkeypatch.chdir(tmp_path)  # no ./rules.yaml here
+    if Path("/etc/fwdproxy/rules.yaml").is_file():
+        pytest.skip("/etc/fwdproxy/rules.yaml exists on this machine and wins")
+    assert default_config_path().resolve() == Path(SHIPPED).resolve()
+    assert default_config_path().is_file()

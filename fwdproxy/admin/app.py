@@ -1,4 +1,5 @@
-"""The admin HTTP API: Prometheus metrics, health probes, live connections, reload, dashboard.
+"""The admin HTTP API: Prometheus metrics, health probes, live connections, reload, dashboard,
+and the layer cache (usage, prune, verify: this process owns the store, so they run here).
 
 It runs in the proxy's own event loop (aiohttp AppRunner + TCPSite, no signal handling of its
 own) and only reads the server state, so it costs nothing while nobody asks. Defaults are for a
@@ -29,10 +30,13 @@ from prometheus_client.exposition import choose_encoder
 
 from fwdproxy import __version__
 from fwdproxy.admin.metrics import MirrorCollector, ProxyMetrics, ThroughputSampler, route_key
+from fwdproxy.cache.summary import summarize
 from fwdproxy.core.addr import AddressError, format_host_port, ip_of, is_loopback, split_host_port
+from fwdproxy.core.units import parse_duration
 from fwdproxy.mirror.service import MirrorService
 
 if TYPE_CHECKING:
+    from fwdproxy.cache import BlobStore
     from fwdproxy.config import AdminSpec
     from fwdproxy.server import Server
 
@@ -40,6 +44,7 @@ logger = logging.getLogger("fwdproxy.admin")
 
 OPEN_PATHS: Final = frozenset({"/", "/healthz", "/readyz", "/api/auth"})
 RECENT_ERRORS_SHOWN: Final = 20
+DEFAULT_PRUNE_AGE: Final = "30d"  # as `fwdproxy cache prune`
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -63,6 +68,7 @@ class AdminServer:
         )
         self.metrics.registry.register(MirrorCollector(lambda: self.mirror))
         self.reload_lock = asyncio.Lock()
+        self.cache_lock = asyncio.Lock()  # one verify or prune at a time
         self.app = make_admin_app(self)
         self._runner: web.AppRunner | None = None
         self._sampler_task: asyncio.Task[None] | None = None
@@ -191,6 +197,9 @@ def make_admin_app(admin: AdminServer) -> web.Application:
     app.router.add_get("/api/upstreams", upstreams)
     app.router.add_get("/api/stats", stats)
     app.router.add_get("/api/mirror", mirror)
+    app.router.add_get("/api/cache", cache_info)
+    app.router.add_post("/api/cache/prune", cache_prune)
+    app.router.add_post("/api/cache/verify", cache_verify)
     return app
 
 
@@ -420,3 +429,101 @@ async def mirror(request: web.Request) -> web.Response:
         return _json({"error": "the registry mirror is not enabled (mirror: in the config)"},
                      status=404)
     return _json(service.snapshot())
+
+
+# -- layer cache -------------------------------------------------------------------------------
+
+_NO_CACHE: Final = "no layer cache is configured in this proxy (cache: {dir: ...} in the config)"
+
+
+def _store(request: web.Request) -> BlobStore | None:
+    """The store this process owns: the mirror's, or one set on the server by an embedder."""
+    admin = request.app[ADMIN]
+    service = admin.mirror
+    if service is not None and service.store is not None:
+        return service.store
+    store: BlobStore | None = getattr(admin.server, "store", None)
+    return store
+
+
+async def cache_info(request: web.Request) -> web.Response:
+    """Usage of the running proxy's cache: `fwdproxy cache du` for a store someone owns."""
+    store = _store(request)
+    if store is None:
+        return _json({"error": _NO_CACHE}, 404)
+    rows = await asyncio.to_thread(store.list)  # one query, but 100k rows are not free
+    tags = await asyncio.to_thread(store.tags)
+    body = {"dir": str(store.root), **summarize(rows).as_json(store.max_size), "tags": len(tags)}
+    return _json(body)
+
+
+async def cache_prune(request: web.Request) -> web.Response:
+    """Delete blobs unused for ?older_than= (default 30d), or every unpinned one with ?all=1."""
+    store = _store(request)
+    if store is None:
+        return _json({"error": _NO_CACHE}, 404)
+    everything = request.query.get("all", "").lower() in ("1", "true", "yes")
+    older = request.query.get("older_than")
+    if everything and older:
+        return _json({"error": "give ?older_than=AGE or ?all=1, not both"}, 400)
+    try:
+        age = None if everything else parse_duration(older or DEFAULT_PRUNE_AGE)
+    except ValueError as e:
+        return _json({"error": f"older_than: {e}"}, 400)
+    admin = request.app[ADMIN]
+    if admin.cache_lock.locked():
+        return _json({"error": "a cache verify or prune is already running"}, 409)
+    async with admin.cache_lock:
+
+        def run() -> tuple[list[str], int, int]:
+            sizes = {str(r.digest): r.size for r in store.list()}
+            tags = len(store.tags())
+            gone = [str(d) for d in store.prune(older_than_s=age)]
+            return gone, sum(sizes.get(d, 0) for d in gone), tags - len(store.tags())
+
+        gone, freed, tags = await asyncio.to_thread(run)
+    usage = store.usage()
+    logger.info("admin: cache prune removed %d blobs, %d bytes", len(gone), freed)
+    return _json(
+        {
+            "ok": True,
+            "older_than_s": age,
+            "count": len(gone),
+            "freed_bytes": freed,
+            "pruned": gone,
+            "tags_forgotten": tags,
+            "remaining": {"count": usage.count, "bytes": usage.bytes},
+        }
+    )
+
+
+async def cache_verify(request: web.Request) -> web.Response:
+    """Re-hash every blob in a worker thread; 200 with `ok: false` when some were bad."""
+    store = _store(request)
+    if store is None:
+        return _json({"error": _NO_CACHE}, 404)
+    admin = request.app[ADMIN]
+    if admin.cache_lock.locked():
+        return _json({"error": "a cache verify or prune is already running"}, 409)
+    async with admin.cache_lock:
+        started = time.monotonic()
+        report = await asyncio.to_thread(store.verify)
+    took = time.monotonic() - started
+    logger.info(
+        "admin: cache verify checked %d blobs in %.1fs: %d bad, %d missing",
+        report.checked,
+        took,
+        len(report.bad),
+        len(report.missing),
+    )
+    return _json(
+        {
+            "ok": report.ok,
+            "checked": report.checked,
+            "bytes": report.bytes,
+            "bad": [str(d) for d in report.bad],
+            "missing": [str(d) for d in report.missing],
+            "quarantine": str(store.root / "quarantine"),
+            "seconds": round(took, 3),
+        }
+    )

@@ -8,12 +8,14 @@ from fwdproxy.cache.errors import (
     SizeMismatch,
     StoreFull,
     StoreLocked,
+    StoreUnreadable,
     WriterClosed,
 )
 from fwdproxy.cache.flight import Flight, FlightHead, FlightReader, Flights
 from fwdproxy.cache.handle import BlobHandle, Pin
-from fwdproxy.cache.index import BlobInfo, BlobRow, TagInfo
-from fwdproxy.cache.store import BlobStore, Usage, VerifyReport
+from fwdproxy.cache.index import BlobInfo, BlobRow, TagInfo, TagRow, Usage
+from fwdproxy.cache.readonly import ReadOnlyStore
+from fwdproxy.cache.store import BlobStore, VerifyReport
 from fwdproxy.cache.writer import BlobWriter
 
 __all__ = [
@@ -30,10 +32,13 @@ __all__ = [
     "FlightReader",
     "Flights",
     "Pin",
+    "ReadOnlyStore",
     "SizeMismatch",
     "StoreFull",
     "StoreLocked",
+    "StoreUnreadable",
     "TagInfo",
+    "TagRow",
     "Usage",
     "VerifyReport",
     "WriterClosed",

@@ -9,6 +9,7 @@ __all__ = [
     "SizeMismatch",
     "StoreFull",
     "StoreLocked",
+    "StoreUnreadable",
     "WriterClosed",
 ]
 
@@ -33,7 +34,19 @@ class StoreFull(CacheError):
 
 
 class StoreLocked(CacheError):
-    """Another BlobStore already owns this directory (its recovery would delete our writes)."""
+    """Another BlobStore already owns this directory (its recovery would delete our writes).
+
+    `pid` is the owner's process id as it wrote it into the lock file, when it could be read:
+    an operator needs to know which process to ask (or stop) instead.
+    """
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class StoreUnreadable(CacheError):
+    """A read-only view cannot be opened: no index there, or not one of ours."""
 
 
 class WriterClosed(CacheError):

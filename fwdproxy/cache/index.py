@@ -5,6 +5,10 @@ first and its row second, and deletes the row before the file, so after a crash 
 disagreement possible is a file without a row or a row without a file, and both are repaired
 when the store opens. This class holds no lock: the store serialises every call with its own,
 because a row change and the file operation it describes must happen under the same lock.
+
+A second process may read the index while the owner writes it (`readonly=True`: the `cache`
+CLI beside a running proxy). WAL lets that reader see only committed transactions, and both
+sides wait out a busy database instead of failing at once.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from typing import Final
 
 from fwdproxy.proto.digest import Digest, parse_digest
 
-__all__ = ["BlobInfo", "BlobRow", "Index", "TagInfo"]
+__all__ = ["BUSY_TIMEOUT_S", "BlobInfo", "BlobRow", "Index", "TagInfo", "TagRow", "Usage"]
 
 SCHEMA_VERSION: Final = 1
+# How long a statement waits for another connection's lock before failing with "database is
+# locked". WAL readers never block the writer, but opening a WAL database (its -shm recovery)
+# and checkpoints briefly take locks that a reader in another process can run into.
+BUSY_TIMEOUT_S: Final = 10.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -46,6 +54,12 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (registry, repo, tag)
 );
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    count: int
+    bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,23 +94,55 @@ class TagInfo:
     fetched_at: float
 
 
-class Index:
-    """Rows of blobs, refs and tags in one WAL database; every method is one transaction."""
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    """One cached tag answer as `cache tags` shows it."""
 
-    def __init__(self, path: Path) -> None:
+    registry: str
+    repo: str
+    tag: str
+    digest: Digest
+    media_type: str
+    fetched_at: float
+
+
+class Index:
+    """Rows of blobs, refs and tags in one WAL database; every method is one transaction.
+
+    `readonly=True` opens the file with SQLite's `mode=ro`: no schema setup, no pragma that
+    writes, and any write method fails in SQLite itself, so a viewer cannot change a store
+    another process owns even by mistake.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        if readonly:
+            # No check_same_thread relaxation needed: a viewer lives in one thread.
+            self._db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                timeout=BUSY_TIMEOUT_S,
+            )
+            self._check_version(path)
+            return
         # One connection shared by the event loop and worker threads: the store's lock
         # serialises it, so sqlite's own same-thread check would only get in the way.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a power cut may lose the last commits' rows, which recovery turns into
         # files without rows and re-verifies, so the cheaper sync level loses nothing.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._check_version(path)
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _check_version(self, path: Path) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             self._db.close()
             raise sqlite3.DatabaseError(f"{path}: schema version {version} is newer than ours")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
@@ -138,6 +184,13 @@ class Index:
         return self._db.execute(
             "SELECT digest, size FROM blobs ORDER BY last_access, digest"
         ).fetchall()
+
+    def totals(self) -> Usage:
+        """Count and bytes of committed blobs, summed by the database itself."""
+        count, total = self._db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
+        ).fetchone()
+        return Usage(int(count), int(total))
 
     def older_than(self, cutoff: float) -> list[tuple[str, int]]:
         return self._db.execute(
@@ -184,6 +237,16 @@ class Index:
             (registry, repo, tag),
         ).fetchone()
         return None if row is None else TagInfo(parse_digest(row[0]), row[1], row[2])
+
+    def tags(self) -> list[TagRow]:
+        """Every cached tag answer, by registry, repository and tag."""
+        return [
+            TagRow(registry, repo, tag, parse_digest(key), media_type, fetched_at)
+            for registry, repo, tag, key, media_type, fetched_at in self._db.execute(
+                "SELECT registry, repo, tag, digest, media_type, fetched_at FROM tags"
+                " ORDER BY registry, repo, tag"
+            )
+        ]
 
     def delete_tags_before(self, cutoff: float) -> int:
         cur = self._db.execute("DELETE FROM tags WHERE fetched_at < ?", (cutoff,))

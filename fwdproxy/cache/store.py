@@ -7,7 +7,10 @@ never deleted on behalf of one of them (distribution#2367). Layout under `root`:
     tmp/                          in-progress writes; emptied whenever the store opens
     quarantine/<alg>-<hex>        files that failed `verify()`, kept for inspection
     index.sqlite                  metadata (WAL): sizes, media types, use, refs, tags
-    lock                          flock held while open: one owner per directory
+    lock                          flock held while open: one owner per directory; holds its pid
+
+Other processes may look without owning: `ReadOnlyStore` (readonly.py) reads the index and
+the blob files and never takes the lock or writes.
 
 Threads: metadata calls are cheap and may run on the event loop; hashing, fsync and
 `verify()` belong in a worker thread. Every index access, pin and reservation change happens
@@ -27,21 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fwdproxy.cache.errors import StoreFull
-from fwdproxy.cache.files import fsync_dir, hash_file, lock_dir, remove_path
+from fwdproxy.cache.files import blob_path, fsync_dir, hash_file, lock_dir, remove_path
 from fwdproxy.cache.handle import BlobHandle, Pin
-from fwdproxy.cache.index import BlobInfo, BlobRow, Index, TagInfo
+from fwdproxy.cache.index import BlobInfo, BlobRow, Index, TagInfo, TagRow, Usage
 from fwdproxy.cache.writer import BlobWriter
 from fwdproxy.proto.digest import ALGORITHMS, Digest, DigestError, parse_digest
 
 __all__ = ["BlobStore", "Usage", "VerifyReport"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    count: int
-    bytes: int
 
 
 @dataclass(slots=True)
@@ -99,7 +96,7 @@ class BlobStore:
         self.close()
 
     def path_of(self, digest: Digest) -> Path:
-        return self._blobs / digest.algorithm / digest.hex[:2] / digest.hex
+        return blob_path(self.root, digest)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -239,6 +236,11 @@ class BlobStore:
     def get_tag(self, registry: str, repo: str, tag: str) -> TagInfo | None:
         with self._lock:
             return self._index.get_tag(registry, repo, tag)
+
+    def tags(self) -> builtins.list[TagRow]:
+        """Every cached tag answer (for `cache tags` and the admin API)."""
+        with self._lock:
+            return self._index.tags()
 
     # -- space -----------------------------------------------------------------------------
 

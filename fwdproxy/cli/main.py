@@ -23,6 +23,7 @@ examples:
   fwdproxy discover dockerhub                     # live check of a registry's redirect hosts
   fwdproxy gen docker-dropin --write              # point dockerd at fwdproxy
   fwdproxy gen containerd-mirror --write          # pull through fwdproxy's registry mirror
+  fwdproxy cache du                               # the mirror's layer cache, per registry
   HTTPS_PROXY=http://127.0.0.1:3128 skopeo inspect docker://nginx
 
 Docs: README.md (Quick start, Configuration, Production).
@@ -298,6 +299,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     cfg = _load_or_report(args)
     if cfg is None:
         return 1
+    cache_dir = args.cache_dir or (cfg.cache.dir if cfg.cache is not None else None)
+    if args.platform and cache_dir is None:
+        print("error: --platform needs --cache-dir, or cache: in the config", file=sys.stderr)
+        return 2
     status = 0
     for image in args.images:
         try:
@@ -306,10 +311,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"error: {image}: {err}", file=sys.stderr)
             status = 2
             continue
+        cache_text, cache_json = "", None
+        if cache_dir is not None:
+            from fwdproxy.cli.cacheview import explain_cache
+
+            try:
+                cache_text, cache_json = explain_cache(cache_dir, e.image, args.platform)
+            except ValueError as err:  # --platform
+                print(f"error: --platform: {err}", file=sys.stderr)
+                return 2
         if args.json:
-            print(json.dumps(explanation_json(e)))
+            print(json.dumps({**explanation_json(e), "cache": cache_json}))
         else:
-            print(format_explanation(e))
+            print(format_explanation(e) + (f"\n{cache_text}" if cache_text else ""))
         if e.split:
             status = max(status, 1)
     return status
@@ -474,17 +488,30 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         formatter_class=formatter,
         description="Normalise an image reference like docker/containerd do and list the API, "
         "token and blob hosts its pull touches, with the rule and route of each. Offline. "
+        "With a cache (cache: in the config, or --cache-dir), also which of its blobs the "
+        "mirror's cache holds, read from the cache alone. "
         "Exit 1 when the pull would be split (API tunnelled, some other host not).",
         epilog="""examples:
   fwdproxy explain nginx
   fwdproxy explain ghcr.io/org/app@sha256:0123...
   fwdproxy explain registry.k8s.io/pause:3.10 localhost:5000/x --json
+  fwdproxy explain alpine:3.20 --cache-dir /var/cache/fwdproxy   # which layers are cached
 """,
     )
     add_config_arg(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--upstream", metavar="[NAME=]URL", help="as for serve")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="also say which of the image's blobs this cache holds (default: cache.dir)",
+    )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="platform picked from an index for the cache section (default: this host's)",
+    )
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
@@ -508,7 +535,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _register_optional(sub: Any) -> None:
     """Commands that live in their own modules (kept import-light)."""
-    for name in ("discover", "gen", "doctor"):
+    for name in ("discover", "gen", "doctor", "cache"):
         try:
             module = __import__(f"fwdproxy.cli.{name}", fromlist=["register"])
         except ImportError:

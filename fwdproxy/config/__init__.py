@@ -159,7 +159,7 @@ def default_config_path() -> Path:
     ):
         if candidate.is_file():
             return candidate
-    return Path(__file__).resolve().parent / DEFAULT_CONFIG_NAME
+    return Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME  # fwdproxy/rules.yaml
 
 
 class _Problems:
