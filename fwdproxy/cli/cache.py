@@ -514,11 +514,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
     from fwdproxy.cli.warm import (
         ALL_PLATFORMS,
         PlatformChoice,
-        format_platform,
         parse_platform,
         warm,
     )
-    from fwdproxy.core.units import format_size
     from fwdproxy.routing.imageref import ImageRefError, parse_image_ref
 
     for image in args.images:
@@ -532,6 +530,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
         raise CacheCommandError(f"--platform: {e}", 2) from None
     if args.all_platforms and platforms:
         raise CacheCommandError("--platform and --all-platforms exclude each other", 2)
+    if args.standalone:
+        if args.mirror:
+            raise CacheCommandError("--standalone and --mirror exclude each other", 2)
+        return _warm_standalone(args, platforms)
     mirror = args.mirror
     if mirror is None:
         mirror = mirror_url_from(load_config_for(args, optional=False))
@@ -552,6 +554,62 @@ def cmd_warm(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+    return _print_warm(args, mirror, report)
+
+
+def _warm_standalone(args: argparse.Namespace, platforms: list[Any]) -> int:
+    """Warm the cache dir without a running proxy: an in-process mirror on an ephemeral
+    loopback port, routed by the config's rules and upstreams, serves `warm` and stops."""
+    import asyncio
+
+    from fwdproxy.cli.progress import Progress
+    from fwdproxy.cli.warm import ALL_PLATFORMS, PlatformChoice, warm
+    from fwdproxy.config import load_config
+    from fwdproxy.core.errors import ConfigError
+    from fwdproxy.mirror.service import MirrorService
+    from fwdproxy.server import Server
+
+    try:
+        cfg = load_config(args.config, listen_override=["127.0.0.1:0"],
+                          mirror_override="127.0.0.1:0", cache_dir_override=args.cache_dir)
+    except ConfigError as e:
+        raise CacheCommandError("\n".join(e.problems)) from None
+    cache = cfg.cache
+    if cache is None:
+        raise CacheCommandError("--standalone fills a cache directory: pass --cache-dir DIR or "
+                                "set cache: {dir: DIR} in the config", 2)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, admin=None)
+    choice: PlatformChoice = ALL_PLATFORMS if args.all_platforms else (platforms or None)
+
+    async def run() -> Any:
+        server = Server(cfg, mirror_factory=lambda srv, spec: MirrorService(srv.state, spec))
+        try:
+            await server.start()
+        except ConfigError as e:
+            raise CacheCommandError("\n".join(e.problems)) from None
+        progress = None if args.quiet else Progress(label="warm")
+        try:
+            assert server.mirror is not None
+            host, port = server.mirror.addresses[0]
+            return await warm(f"http://{host}:{port}", args.images, choice, progress,
+                              concurrency=args.concurrency)
+        finally:
+            if progress is not None:
+                progress.close()
+            await server.stop(grace_s=0)
+
+    try:
+        report = asyncio.run(run())
+    except OSError as e:
+        raise CacheCommandError(f"cannot open the cache or a listener: {e}") from None
+    return _print_warm(args, f"standalone ({cache.dir})", report)
+
+
+def _print_warm(args: argparse.Namespace, mirror: str, report: Any) -> int:
+    from fwdproxy.cli.warm import format_platform
+    from fwdproxy.core.units import format_size
     if args.json:
         print(json.dumps({"mirror": mirror, **report.as_json()}))
         return 0 if report.ok else 1
@@ -708,6 +766,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="URL",
         help="the mirror (default: http:// + the config's first mirror.listen)",
     )
+    s.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no running proxy: fill the cache dir (--cache-dir or cache.dir) through an "
+        "in-process mirror that routes by the config's rules (the dir must not be in use)",
+    )
+    s.add_argument("--cache-dir", metavar="DIR", help="with --standalone: the cache to fill")
     s.add_argument(
         "--concurrency", type=int, default=4, metavar="N", help="blobs fetched at once (default 4)"
     )

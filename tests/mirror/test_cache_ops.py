@@ -97,3 +97,52 @@ async def test_warm_through_the_mirror_fills_its_cache(
             async with http.post(admin_url + "/api/cache/verify") as resp:
                 body = await resp.json()
             assert body["ok"] and body["checked"] == len(blobs) + 1
+
+
+def test_warm_standalone_fills_a_cache_dir_without_a_running_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cache warm --standalone` runs its own mirror in-process, routed by the config."""
+    import threading
+
+    from tests.mirror.fakeregistry import make_image, running_registry
+
+    reg = FakeRegistry()
+    img = make_image("team/solo", "v1", [200_000, 50_000], seed=5)
+    reg.add(img)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop: asyncio.Future[None] | None = None
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = loop.create_future()
+        async with running_registry(reg):
+            started.set()
+            await stop
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    try:
+        assert started.wait(10)
+        cfg = mirror_config(None, registries={reg.host: {"plain_http": True}})
+        cfg["listen"] = "127.0.0.1:3128"  # ignored: standalone binds nothing fixed
+        path = tmp_path / "rules.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        cache = tmp_path / "cache"
+        code = main(["cache", "warm", "--standalone", "-q", "-c", str(path), "--cache-dir",
+                     str(cache), f"{reg.host}/team/solo:v1"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        view = ReadOnlyStore(cache)
+        try:
+            for d in img.blobs:
+                assert view.lookup(parse_digest(d)) is not None
+        finally:
+            view.close()
+        assert all(reg.blob_gets[d] == 1 for d in img.blobs)
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(10)
+        loop.close()
