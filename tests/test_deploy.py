@@ -730,3 +730,54 @@ def test_build_context_is_an_allow_list() -> None:
             for src in sources:
                 top = src.removeprefix("./").split("/")[0]
                 assert top in allowed, f"COPY {src}: not in the build context"
+
+
+# --- undo on a node ----------------------------------------------------------------------
+
+
+UNDO = DEPLOY / "node-undo.sh"
+HOSTS = "etc/containerd/certs.d/_default/hosts.toml"
+K3S = "etc/rancher/k3s/registries.yaml"
+
+
+def undo(root: Path) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(["sh", str(UNDO), str(root)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def write_mirror(root: Path, target: str) -> None:
+    assert fwdproxy_main(["gen", target, "--write", "--root", str(root)]) == 0
+
+
+def test_undo_removes_what_fwdproxy_created(tmp_path: Path) -> None:
+    write_mirror(tmp_path, "containerd-mirror")
+    write_mirror(tmp_path, "k3s-mirror")
+    res = undo(tmp_path)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert not (tmp_path / HOSTS).parent.exists()
+    assert "restart k3s" in res.stdout
+    assert undo(tmp_path).stdout == ""  # a second run finds nothing to do
+
+
+def test_undo_restores_the_files_from_before(tmp_path: Path) -> None:
+    hosts, k3s = tmp_path / HOSTS, tmp_path / K3S
+    hosts.parent.mkdir(parents=True)
+    hosts.write_text('server = "https://registry-1.docker.io"\n')
+    k3s.parent.mkdir(parents=True)
+    k3s.write_text("mirrors:\n  docker.io:\n    endpoint: [https://mirror.corp.example]\n")
+    before = (hosts.read_text(), k3s.read_text())
+    write_mirror(tmp_path, "containerd-mirror")
+    write_mirror(tmp_path, "k3s-mirror")
+    assert (hosts.read_text(), k3s.read_text()) != before
+    undo(tmp_path)
+    assert (hosts.read_text(), k3s.read_text()) == before
+    assert not list(tmp_path.rglob("*.bak"))
+
+
+def test_undo_leaves_edited_files_alone(tmp_path: Path) -> None:
+    write_mirror(tmp_path, "containerd-mirror")
+    hosts = tmp_path / HOSTS
+    hosts.write_text(hosts.read_text() + '\n[host."https://mirror.corp.example"]\n')
+    res = undo(tmp_path)
+    assert hosts.exists() and "by hand" in res.stderr
