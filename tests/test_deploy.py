@@ -105,7 +105,9 @@ GEN_CASES["everything"] = [
     "--gateway-address", "10.96.0.53",
     "--image", "registry.example:5000/infra/fwdproxy:0.1.0",
 ]
-GEN_CASES["node-upstream"] = ["--upstream", "http://10.0.0.5:3128", "--cluster-domain", "k8s.x"]
+GEN_CASES["node-upstream"] = ["--upstream", "http://10.0.0.5:3128"]
+GEN_CASES["gateway-upstream"] = [
+    "--gateway", "--upstream", "socks5://127.0.0.1:1080", "--cluster-domain", "k8s.x"]
 
 
 @pytest.fixture(scope="module")
@@ -447,7 +449,7 @@ def test_rules_agree_with_the_manifests(output: tuple[str, list[dict[str, Any]]]
     ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
     host = svc["spec"].get("clusterIP") or (
         f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc."
-        + ("k8s.x" if "node-upstream" in name else "cluster.local")
+        + ("k8s.x" if "gateway-upstream" in name else "cluster.local")
     )
     assert node["upstreams"]["tunnel"] == f"http://{host}:{ports['proxy']}"
     if "mirror" in node:
@@ -567,6 +569,18 @@ def test_gen_prints_the_overlay(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--write" in err
 
 
+def test_gen_gateway_upstream_is_always_patched_and_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An explicit --upstream reaches the gateway even when it equals the nodes' default, and
+    its password appears only where it is used (the Deployment's env), not in the comments of
+    the ConfigMap every node mounts."""
+    code, out, err = gen(["--gateway", "--upstream", "socks5://u:pw@127.0.0.1:1080"], capsys)
+    assert code == 0, err
+    assert out.count("pw") == 1 and "value: socks5://u:pw@127.0.0.1:1080" in out
+    assert "socks5://u:***@127.0.0.1:1080" in out
+
+
 def test_gen_writes_idempotently(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "o"
     argv = ["--upstream", "socks5://10.0.0.1:1080", "--write", "--out", str(out), "--base", "x"]
@@ -588,8 +602,9 @@ def test_gen_writes_idempotently(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["--gateway", "--allow", "10.0.0.300/8"], "--allow '10.0.0.300/8'"),
         (["--upstream", "ftp://x:1"], "unsupported scheme"),
         (["--gateway-address", "10.96.0.53"], "needs --gateway"),
+        (["--cluster-domain", "k8s.x"], "needs --gateway"),
         (["--gateway", "--gateway-address", "a b"], "an IP (the Service's pinned clusterIP)"),
-        (["--cluster-domain", "bad_domain.x"], "not a DNS name"),
+        (["--gateway", "--cluster-domain", "bad_domain.x"], "not a DNS name"),
         (["--image", "a b"], "expected NAME[:TAG]"),
         (["--out", "x"], "--out DIR goes with --write"),
         (["--proxy", "http://127.0.0.1:3128"], "--proxy is for the runtime targets"),

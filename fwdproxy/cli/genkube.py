@@ -5,7 +5,8 @@ component (a parent cache on the tunnel node), and overlays for k3s, RKE2 and fo
 keep the proxy environment. What differs from cluster to cluster is the upstream tunnel, the
 client CIDRs the gateway admits and where the image lives; this target writes an overlay with
 exactly those: a kustomization.yaml naming the base and components, and the rules.yaml files
-it swaps in (kustomize `configMapGenerator` with `behavior: replace`).
+it swaps in (kustomize `configMapGenerator`: the nodes' ConfigMap replaced, the gateway's
+created).
 
 The rules.yaml files shipped under deploy/kubernetes are this module's output for the defaults
 (`deploy_files`, checked by tests/test_deploy.py), so an overlay and the manifests it patches
@@ -111,11 +112,63 @@ rules:
 default: direct
 """
 
-_TAIL: Final = f"""\
+_NODE: Final = (
+    """\
+# rules.yaml of fwdproxy on every node (DaemonSet, host network): {what}
+{origin}\
+# Check it: fwdproxy check -c rules.yaml
+
+listen: 127.0.0.1:{proxy_port}
+
+{via}\
+upstreams:
+  tunnel: {upstream}
+
+"""
+    + _DIRECT_RULES
+    + """
 # /healthz and /readyz (the DaemonSet's probes), /metrics and the dashboard; loopback only.
-# From a workstation: kubectl -n {NAMESPACE} port-forward pod/<pod> {ADMIN_PORT}
-admin: {{listen: 127.0.0.1:{ADMIN_PORT}}}
+# From a workstation: kubectl -n {namespace} port-forward pod/<pod> {admin_port}
+admin: {{listen: 127.0.0.1:{admin_port}}}
 # log: {{level: info, format: json}}   # JSON lines for a log collector
+
+{tail}\
+"""
+)
+_WITH_MIRROR: Final = """\
+the proxy, the
+# registry mirror with its layer cache and the admin listener, all on 127.0.0.1."""
+_WITHOUT_MIRROR: Final = """\
+the proxy, which
+# the runtimes use through HTTPS_PROXY=http://127.0.0.1:3128, and the admin
+# listener, on 127.0.0.1; no mirror."""
+_VIA_TUNNEL: Final = """\
+# The upstream tunnel as this node reaches it (127.0.0.1 is the node itself: the
+# DaemonSet uses the host network); `fwdproxy gen kubernetes --upstream URL`.
+"""
+_VIA_GATEWAY: Final = """\
+# The gateway's proxy: registry traffic leaves the cluster on the tunnel node.
+"""
+_MIRROR: Final = """\
+# The registry mirror: containerd/k3s pull through http://127.0.0.1:5000, as the
+# DaemonSet's init container wrote into their config; each layer is fetched once per node.
+mirror:
+  listen: 127.0.0.1:{mirror_port}
+{parent}\
+  tag_ttl: 60s                # reuse a tag -> digest answer this long
+  serve_stale: 7d             # answer tags from the cache while the upstream is down
+cache:
+  dir: {cache_dir}     # a hostPath on the node (base/daemonset.yaml)
+  max_size: {cache_size}              # least recently used layers go first
+"""
+_PARENT: Final = """\
+  # Misses go to the gateway's mirror first, so a layer crosses the tunnel once per
+  # cluster; when that fails, this node fetches through its upstream (the gateway's proxy).
+  parent: {parent}
+"""
+_NO_MIRROR: Final = """\
+# No mirror: the runtimes send pulls to the proxy above through HTTPS_PROXY, which
+# `fwdproxy gen containerd-dropin --write` sets on the node (deploy/kubernetes/README.md).
 """
 
 
@@ -129,67 +182,23 @@ def render_node_rules(
     """rules.yaml for the node DaemonSet: proxy and admin on loopback, the mirror (unless the
     node keeps the proxy environment), and with a gateway its proxy as the upstream and its
     mirror as the parent."""
+    tail = _NO_MIRROR
     if mirror:
-        head = (
-            "# rules.yaml of fwdproxy on every node (DaemonSet, host network): the proxy, the\n"
-            "# registry mirror with its layer cache and the admin listener, all on 127.0.0.1.\n"
+        tail = _MIRROR.format(
+            mirror_port=MIRROR_PORT,
+            parent=_PARENT.format(parent=_scalar(parent)) if parent else "",
+            cache_dir=CACHE_DIR,
+            cache_size=NODE_CACHE_SIZE,
         )
-    else:
-        head = (
-            "# rules.yaml of fwdproxy on every node (DaemonSet, host network): the proxy, which\n"
-            "# the runtimes use through HTTPS_PROXY=http://127.0.0.1:3128, and the admin\n"
-            "# listener, on 127.0.0.1; no mirror.\n"
-        )
-    if parent:
-        via = "# The gateway's proxy: registry traffic leaves the cluster on the tunnel node.\n"
-    else:
-        via = (
-            "# The upstream tunnel as this node reaches it (127.0.0.1 is the node itself: the\n"
-            "# DaemonSet uses the host network); `fwdproxy gen kubernetes --upstream URL`.\n"
-        )
-    text = (
-        head
-        + (f"# {origin}\n" if origin else "")
-        + "# Check it: fwdproxy check -c rules.yaml\n"
-        + f"\nlisten: 127.0.0.1:{PROXY_PORT}\n\n"
-        + via
-        + f"upstreams:\n  tunnel: {_scalar(upstream)}\n\n"
-        + _DIRECT_RULES
-        + "\n"
-        + _TAIL
-        + "\n"
-    )
-    if not mirror:
-        return text + _NO_MIRROR
-    parent_lines = f"{_PARENT}  parent: {_scalar(parent)}\n" if parent else ""
-    return text + _MIRROR.format(port=MIRROR_PORT, parent=parent_lines, cache=_node_cache())
-
-
-_MIRROR: Final = """\
-# The registry mirror: containerd/k3s pull through http://127.0.0.1:5000, as the
-# DaemonSet's init container wrote into their config; each layer is fetched once per node.
-mirror:
-  listen: 127.0.0.1:{port}
-{parent}\
-  tag_ttl: 60s                # reuse a tag -> digest answer this long
-  serve_stale: 7d             # answer tags from the cache while the upstream is down
-{cache}\
-"""
-_PARENT: Final = """\
-  # Misses go to the gateway's mirror first, so a layer crosses the tunnel once per
-  # cluster; when that fails, this node fetches through its upstream (the gateway's proxy).
-"""
-_NO_MIRROR: Final = """\
-# No mirror: the runtimes send pulls to the proxy above through HTTPS_PROXY, which
-# `fwdproxy gen containerd-dropin --write` sets on the node (deploy/kubernetes/README.md).
-"""
-
-
-def _node_cache() -> str:
-    return (
-        "cache:\n"
-        f"  dir: {CACHE_DIR}     # a hostPath on the node (base/daemonset.yaml)\n"
-        f"  max_size: {NODE_CACHE_SIZE}              # least recently used layers go first\n"
+    return _NODE.format(
+        what=_WITH_MIRROR if mirror else _WITHOUT_MIRROR,
+        origin=f"# {origin}\n" if origin else "",
+        proxy_port=PROXY_PORT,
+        via=_VIA_GATEWAY if parent else _VIA_TUNNEL,
+        upstream=_scalar(upstream),
+        namespace=NAMESPACE,
+        admin_port=ADMIN_PORT,
+        tail=tail,
     )
 
 
@@ -274,7 +283,7 @@ def deploy_files() -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    upstream: str = DEFAULT_UPSTREAM
+    upstream: str | None = None  # None: the default (nodes: DEFAULT_UPSTREAM; gateway: $NODE_IP)
     allow: tuple[str, ...] = DEFAULT_ALLOW
     gateway: bool = False
     variant: str = "containerd"
@@ -361,7 +370,9 @@ def render_overlay(o: Options, command: str) -> dict[str, str]:
             origin=origin,
         )
     else:
-        node = render_node_rules(o.upstream, mirror=o.variant != "proxy-env", origin=origin)
+        node = render_node_rules(
+            o.upstream or DEFAULT_UPSTREAM, mirror=o.variant != "proxy-env", origin=origin
+        )
     files = {"rules.yaml": node}
     k = [
         "# kustomization.yaml: fwdproxy for one cluster, from",
@@ -393,7 +404,7 @@ def render_overlay(o: Options, command: str) -> dict[str, str]:
             "      - rules.yaml=gateway-rules.yaml",
         ]
         patches = []
-        if o.upstream != DEFAULT_UPSTREAM:
+        if o.upstream is not None:
             patches += [
                 "  # The gateway's tunnel (deployment.yaml defaults to socks5://$(NODE_IP):1080).",
                 "  - patch: |-",
@@ -434,8 +445,12 @@ def render_overlay(o: Options, command: str) -> dict[str, str]:
 def options_from_args(args: argparse.Namespace) -> Options:
     if args.allow and not args.gateway:
         raise GenError("--allow sets who may use the gateway: it needs --gateway", 2)
-    if args.gateway_address and not args.gateway:
-        raise GenError("--gateway-address needs --gateway", 2)
+    for flag, value in (
+        ("--gateway-address", args.gateway_address),
+        ("--cluster-domain", args.cluster_domain),
+    ):
+        if value and not args.gateway:
+            raise GenError(f"{flag} is about reaching the gateway: it needs --gateway", 2)
     domain = str(args.cluster_domain or DEFAULT_CLUSTER_DOMAIN).strip(".").lower()
     if not _DNS_NAME.fullmatch(domain):
         raise GenError(f"--cluster-domain {args.cluster_domain!r}: not a DNS name", 2)
@@ -449,7 +464,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
                 2,
             )
     return Options(
-        upstream=check_upstream(args.upstream) if args.upstream else DEFAULT_UPSTREAM,
+        upstream=check_upstream(args.upstream) if args.upstream else None,
         allow=check_cidrs(args.allow) if args.allow else DEFAULT_ALLOW,
         gateway=bool(args.gateway),
         variant=args.variant or "containerd",
@@ -478,11 +493,21 @@ def default_base(out: str, cwd: str | None = None) -> str:
     return "../deploy/kubernetes"
 
 
+def redact(url: str) -> str:
+    """The URL with its password replaced: the command is repeated in comments of files that
+    reach every node (the nodes' ConfigMap), where the gateway's password has no business."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this overlay, for its header."""
     parts = ["fwdproxy", "gen", "kubernetes"]
     if args.upstream:
-        parts += ["--upstream", args.upstream]
+        parts += ["--upstream", redact(args.upstream)]
     if args.gateway:
         parts.append("--gateway")
     for cidr in args.allow:
