@@ -1,7 +1,8 @@
 """`fwdproxy gen TARGET`: proxy settings for container runtimes, in each consumer's own syntax.
 
-The `*-mirror` targets (registry mirror instead of proxy) live in `genmirror`; this module owns
-the command line for both.
+The `*-mirror` targets (registry mirror instead of proxy) live in `genmirror`, the `kubernetes`
+target (a kustomize overlay of deploy/kubernetes) in `genkube`; this module owns the command
+line for all of them.
 
 Every runtime here is a Go program, so the values follow Go's rules (registries.md §2/§3):
 HTTPS_PROXY must be set (Go >= 1.16 never falls back to HTTP_PROXY for https), proxy URLs use
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from fwdproxy.cli import genmirror, noproxy
+from fwdproxy.cli import genkube, genmirror, noproxy
 from fwdproxy.cli.genfiles import GenError, load_json_object, read_text, root_path, write_file
 
 DEFAULT_PROXY: Final = "http://127.0.0.1:3128"
@@ -365,6 +366,10 @@ mirror targets (fwdproxy's pull-through registry mirror, plain HTTP, no CA neede
   fwdproxy gen containerd-mirror --help          # what a target writes, versions, what to restart
 The mirror address: --mirror HOST:PORT, else mirror.listen of -c FILE, else 127.0.0.1:5000.
 
+cluster target (a kustomize overlay of deploy/kubernetes; kubernetes --help for details):
+  fwdproxy gen kubernetes --upstream socks5://10.0.0.5:1080 --write    # ./fwdproxy-cluster/
+  fwdproxy gen kubernetes --gateway --allow 10.42.0.0/16 --allow 192.168.1.0/24 --write
+
 NO_PROXY = localhost,127.0.0.1,127.0.0.0/8,::1 + this node's addresses and subnets (from
 `ip -j addr`, skip with --no-detect) + --cluster-cidr/--service-cidr + .svc,.cluster.local
 + 169.254.169.254 + --no-proxy-extra. With fwdproxy it is a shortcut, not a correctness
@@ -395,6 +400,8 @@ class _TargetHelp(argparse.Action):
         target = getattr(namespace, "target", None)
         if target in genmirror.TARGETS:
             sys.stdout.write(genmirror.help_text(target))
+        elif target == genkube.TARGET:
+            sys.stdout.write(genkube.TEACH)
         else:
             parser.print_help()
         parser.exit()
@@ -409,7 +416,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         + "proxy targets:\n"
         + "\n".join(f"  {t.name:<18} {t.help}" for t in TARGETS.values())
         + "\n\nmirror targets (TARGET --help for details):\n"
-        + "\n".join(f"  {t.name:<18} {t.help}" for t in genmirror.TARGETS.values()),
+        + "\n".join(f"  {t.name:<18} {t.help}" for t in genmirror.TARGETS.values())
+        + f"\n\ncluster target (TARGET --help for details):\n  {genkube.TARGET:<18} {genkube.HELP}",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
@@ -418,11 +426,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "-h",
         "--help",
         action=_TargetHelp,
-        help="show this help (after a *-mirror target: that target's help) and exit",
+        help="show this help (after a *-mirror or kubernetes target: that target's help) and exit",
     )
     p.add_argument(
         "target",
-        choices=[*TARGETS, *genmirror.TARGETS],
+        choices=[*TARGETS, *genmirror.TARGETS, genkube.TARGET],
         metavar="TARGET",
         help="see the lists above",
     )
@@ -492,6 +500,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="docker-mirror: daemon.json (classic), hosts.toml (containerd) or both",
     )
     m.add_argument("--rke2", action="store_true", help="k3s-mirror: RKE2's registries.yaml")
+    genkube.add_args(p)
     p.set_defaults(func=main)
     return p
 
@@ -539,6 +548,10 @@ def render(
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if args.target == genkube.TARGET:
+            genkube.check_flags(args)
+            return genkube.run(args)
+        genkube.check_other_flags(args)
         genmirror.check_flags(args)
         if args.target in genmirror.TARGETS:
             return genmirror.run_target(args)
