@@ -112,7 +112,9 @@ class Mirror:
         self._clock = clock
         self._tags: dict[tuple[str, str, str], TagAnswer] = {}  # without a store
         self._tasks: set[asyncio.Task[None]] = set()
-        self.listeners: dict[int, MirrorListener] = {}
+        # Bound (address, port) -> its listener: two listeners may share a port (loopback for
+        # the runtimes, a LAN address for peers), each with its own allow-list.
+        self.listeners: dict[tuple[str, int], MirrorListener] = {}
         # Names this mirror in the via chain of requests it sends to a parent mirror.
         self.instance_id = secrets.token_hex(6)
 
@@ -129,8 +131,13 @@ class Mirror:
                      ) -> web.StreamResponse:
         """Allow-list first (a stranger learns nothing), then Basic auth when configured."""
         sock = request.transport.get_extra_info("sockname") if request.transport else None
-        listener = self.listeners.get(int(sock[1])) if sock else None
         peer = request.remote or ""
+        listener = self.listener_for(sock)
+        if listener is None and self.listeners:  # cannot tell whose rules apply: refuse
+            logger.warning("mirror: refused %s: arrived on %s, which is no mirror listener",
+                           peer, sock)
+            return _error(OCIError("DENIED", f"client {peer} is not allowed to use this mirror",
+                                   403))
         if listener is not None and client_refusal(listener, peer) is not None:  # type: ignore[arg-type]
             logger.warning("mirror: refused %s: not in the allow-list of %s", peer,
                            listener.address)
@@ -145,6 +152,15 @@ class Mirror:
                     logger.warning("mirror: authentication failed for %s from %s", cred[0], peer)
                 return resp
         return await handler(request)
+
+    def listener_for(self, sockname: Any) -> MirrorListener | None:
+        """The listener a connection reached, by its local address: the one bound to that
+        address, else the wildcard one (0.0.0.0 or ::) on that port."""
+        if not sockname:
+            return None
+        host, port = str(sockname[0]), int(sockname[1])
+        wildcard = "::" if ":" in host else "0.0.0.0"
+        return self.listeners.get((host, port)) or self.listeners.get((wildcard, port))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         spec = self._spec()
@@ -170,11 +186,16 @@ class Mirror:
                     if v.strip())[:MAX_HOPS + 1]
         if self.instance_id in via or len(via) >= MAX_HOPS:
             reg.errors += 1
+            if self.instance_id in via:
+                why = "this request already passed through this mirror"
+            else:  # a loop that does not include us, or a chain longer than any sane one
+                n = f"more than {MAX_HOPS}" if len(via) > MAX_HOPS else str(len(via))
+                why = (f"this request already passed through {n} mirrors "
+                       f"(at most {MAX_HOPS - 1} allowed)")
             logger.error("mirror: %s: refused a loop of mirrors (via %s); check mirror.parent",
                          mreq.describe(), ", ".join(via))
-            return _error(OCIError("UNAVAILABLE", "mirror loop: this request already passed "
-                                   f"through this mirror (via {', '.join(via)}); check the "
-                                   "mirror.parent settings", 508), mreq)
+            return _error(OCIError("UNAVAILABLE", f"mirror loop: {why} (via {', '.join(via)}); "
+                                   "check the mirror.parent settings", 508), mreq)
         request[_VIA] = (*via, self.instance_id)
         try:
             if not spec.serves(mreq.registry.name):

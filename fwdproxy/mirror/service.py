@@ -88,8 +88,8 @@ class MirrorService:
             site = web.TCPSite(self._runner, lst.host, lst.port, reuse_address=True)
             await site.start()
             self._sites.append(site)
-            for _host, port in set(self.addresses) - before:
-                self.mirror.listeners[port] = lst  # whose allow-list applies to a request
+            for bound in set(self.addresses) - before:
+                self.mirror.listeners[bound] = lst  # whose allow-list applies to a request
         where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.addresses)
         if self.store is not None:
             usage = self.store.usage()

@@ -16,6 +16,7 @@ from fwdproxy.core.errors import ConfigError
 from fwdproxy.mirror.service import MirrorService
 from fwdproxy.proto.digest import parse_digest
 from fwdproxy.server import Server
+from tests.helpers import closed_port
 from tests.mirror.conftest import MakeMirror, running_mirror
 from tests.mirror.fakeregistry import (
     OCI_MANIFEST,
@@ -286,3 +287,22 @@ async def test_without_a_cache_a_corrupt_small_blob_is_a_clear_502(
     async with await m.get(f"/v2/{REPO}/blobs/{small}?{ns(registry)}") as r:
         assert r.status == 502
         assert "do not match" in (await _errors(r))[0]["message"]
+
+
+@pytest.mark.parametrize("order", ["loopback-first", "loopback-last"])
+async def test_each_listener_on_a_shared_port_keeps_its_own_allow_list(
+        tmp_path: Path, order: str) -> None:
+    """Two listeners on one port (two addresses, as a node that serves its runtimes on
+    127.0.0.1:5000 and its peers on its LAN address): a request is judged by the allow-list of
+    the address it reached, whichever listener was bound last."""
+    port = closed_port()
+    local = {"listen": f"127.0.0.1:{port}", "allow": ["127.0.0.0/8"]}
+    lan = {"listen": f"127.0.0.2:{port}", "allow": ["10.0.0.0/8"]}  # our client is 127.0.0.1
+    cfg = mirror_config(None)
+    cfg["mirror"]["listen"] = [local, lan] if order == "loopback-first" else [lan, local]
+    async with running_mirror(cfg) as m:
+        async with m.session.get(f"http://127.0.0.1:{port}/v2/") as r:
+            assert r.status == 200, await r.text()
+        async with m.session.get(f"http://127.0.0.2:{port}/v2/") as r:
+            assert r.status == 403, await r.text()
+            assert "not allowed" in (await _errors(r))[0]["message"]

@@ -85,3 +85,19 @@ async def test_a_loop_of_parents_is_refused(tmp_path: Path, registry: FakeRegist
                 async with await b.get(f"/v2/{REPO}/manifests/v1?ns={registry.host}") as r:
                     assert r.status == 200
             assert "refused a loop of mirrors" in caplog.text
+
+
+async def test_a_chain_over_the_hop_limit_is_refused_as_such(tmp_path: Path,
+                                                             registry: FakeRegistry) -> None:
+    """A via chain at the hop limit that does not name this mirror is a loop it cannot name
+    (or a chain too long): the answer says which, not that it passed this mirror before."""
+    regs = {registry.host: {"plain_http": True}}
+    async with running_mirror(mirror_config(str(tmp_path / "a"), registries=regs)) as a:
+        chain = ", ".join(f"m{i}" for i in range(8))
+        async with await a.get(f"/v2/{REPO}/manifests/v1?ns={registry.host}",
+                               headers={"X-Fwdproxy-Via": chain}) as r:
+            assert r.status == 508
+            message = (await r.json())["errors"][0]["message"]
+        assert "mirror loop" in message and "check the mirror.parent settings" in message
+        assert "passed through 8 mirrors" in message, message
+        assert "through this mirror" not in message, message

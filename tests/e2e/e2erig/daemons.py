@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from e2erig.netns import Netns
 from e2erig.procs import Proc, wait_for
 from e2erig.proxy import fwdproxy_argv, fwdproxy_env
 from e2erig.topology import INTRA_REGISTRY, INTRA_REGISTRY_PORT, Rig, render
@@ -57,19 +58,21 @@ class Containerd:
     hosts_dir: Path
 
 
-def start_containerd(rig: Rig, name: str = "containerd") -> Containerd:
+def start_containerd(rig: Rig, name: str = "containerd", ns: Netns | None = None) -> Containerd:
     """A containerd of its own (state under rig.tmp/NAME) with certs.d entries that send the
-    public registries and the intranet one straight to their servers (with the rig's CA)."""
+    public registries and the intranet one straight to their servers (with the rig's CA).
+    It runs in the node unless `ns` names another namespace (a cluster's other hosts)."""
+    ns = ns or rig.node
     base = rig.tmp / name
     base.mkdir()
     conf = render("containerd.toml", base / "config.toml", DIR=str(base))
-    proc = rig.sup.start(name, rig.node, ["containerd", "--config", str(conf)])
+    proc = rig.sup.start(name, ns, ["containerd", "--config", str(conf)])
     sock = base / "containerd.sock"
 
     def answers() -> bool:
         if not sock.exists():
             return False
-        probe = rig.node.run(["ctr", "-a", str(sock), "version"], check=False, timeout_s=10)
+        probe = ns.run(["ctr", "-a", str(sock), "version"], check=False, timeout_s=10)
         return probe.returncode == 0
 
     wait_for("containerd socket", answers, deadline_s=30, alive=proc.dead, step_s=0.1)
