@@ -22,7 +22,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
@@ -66,6 +66,7 @@ from fwdproxy.proxy.admission import check_password, client_refusal
 __all__ = ["API_VERSION", "Mirror", "TagAnswer"]
 
 logger = logging.getLogger("fwdproxy.mirror")
+_T = TypeVar("_T")
 
 API_VERSION: Final = ("Docker-Distribution-API-Version", "registry/2.0")
 MAX_PASSTHROUGH: Final = 1024 * 1024
@@ -112,6 +113,7 @@ class Mirror:
         self._clock = clock
         self._tags: dict[tuple[str, str, str], TagAnswer] = {}  # without a store
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: dict[tuple[object, ...], asyncio.Future[Any]] = {}
         # Bound (address, port) -> its listener: two listeners may share a port (loopback for
         # the runtimes, a LAN address for peers), each with its own allow-list.
         self.listeners: dict[tuple[str, int], MirrorListener] = {}
@@ -400,7 +402,9 @@ class Mirror:
                                                                  accept)
             return _manifest_response(request, mreq, cached.digest, body, media_type, "hit")
         try:
-            head = await self.fetcher.head_manifest(up, str(ref), accept, request[_VIA])
+            head = await self._once(
+                ("head", up.registry.name, up.repository, str(ref), accept),
+                lambda: self.fetcher.head_manifest(up, str(ref), accept, request[_VIA]))
         except (FetchError, OCIError) as e:
             unreachable = isinstance(e, FetchError) or e.code in ("UNAVAILABLE",
                                                                   "TOOMANYREQUESTS")
@@ -442,8 +446,9 @@ class Mirror:
         cached = self._cached_manifest(digest)
         if cached is not None:
             return cached[0], cached[1], "hit"
-        body, media_type = await self.fetcher.manifest(up, str(digest), accept,
-                                                       request.get(_VIA, ()))
+        body, media_type = await self._once(
+            ("manifest", up.registry.name, str(digest)),
+            lambda: self.fetcher.manifest(up, str(digest), accept, request.get(_VIA, ())))
         if not digest.matches(_hash(digest, body)):
             self.stats[up.registry.name].verify_failures += 1
             raise OCIError("UNKNOWN", f"{up.registry.name} sent a manifest whose {digest.algorithm}"
@@ -451,6 +456,22 @@ class Mirror:
         media_type = _check_manifest_type(media_type, None)
         await self._store_manifest(digest, body, media_type, up)
         return body, media_type, "miss"
+
+    async def _once(self, key: tuple[object, ...], fetch: Callable[[], Awaitable[_T]]) -> _T:
+        """Concurrent identical manifest requests share one upstream request: a cluster's
+        nodes resolving one tag at once cost the registry one HEAD (and Docker Hub one
+        pull for the GET), not one per node."""
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(fetch())
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f: self._forget(key, f))
+        return await asyncio.shield(fut)  # type: ignore[no-any-return]
+
+    def _forget(self, key: tuple[object, ...], fut: asyncio.Future[Any]) -> None:
+        self._inflight.pop(key, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: every waiter may have gone
 
     def _cached_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         if self.store is None:

@@ -73,12 +73,14 @@ class FakeRegistry:
     down: bool = False
     ignore_range: bool = False
     gate: asyncio.Event | None = None  # blob bodies wait for this before the first byte
+    manifest_gate: asyncio.Event | None = None  # manifest answers wait for this
     # counters
     blob_bytes: Counter[str] = field(default_factory=Counter)
     blob_gets: Counter[str] = field(default_factory=Counter)
     manifest_gets: Counter[str] = field(default_factory=Counter)
     manifest_heads: Counter[str] = field(default_factory=Counter)
     token_requests: int = 0
+    manifest_waiting: int = 0
     auth_seen: list[str] = field(default_factory=list)
     port: int = 0
 
@@ -136,6 +138,9 @@ class FakeRegistry:
             if found is None:
                 return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
             body, media_type = found
+            if self.manifest_gate is not None:
+                self.manifest_waiting += 1
+                await self.manifest_gate.wait()
             headers = {"Docker-Content-Digest": digest_of(body), "Content-Type": media_type}
             if request.method == "HEAD":
                 self.manifest_heads[ref] += 1

@@ -132,3 +132,26 @@ async def test_corrupt_small_blob_is_a_clear_502(make_mirror: MakeMirror,
         assert r.status == 502
         err = (await r.json())["errors"][0]
         assert "do not match" in err["message"] and "nothing was served or cached" in err["message"]
+
+
+async def test_concurrent_manifest_requests_share_one_upstream_request(
+    make_mirror: MakeMirror, registry: FakeRegistry
+) -> None:
+    m = await make_mirror()
+    registry.manifest_gate = asyncio.Event()
+    digest = digest_of(registry.manifests[(REPO, "v1")][0])
+
+    async def pull(ref: str) -> int:
+        async with await m.get(f"/v2/{REPO}/manifests/{ref}?{_ns(registry)}") as r:
+            await r.read()
+            return r.status
+
+    tags = [asyncio.create_task(pull("v1")) for _ in range(4)]
+    for _ in range(500):  # bounded: until the one HEAD is waiting at the registry
+        if registry.manifest_waiting == 1:
+            break
+        await asyncio.sleep(0.01)
+    registry.manifest_gate.set()
+    assert await asyncio.gather(*tags) == [200] * 4
+    assert registry.manifest_heads["v1"] == 1
+    assert registry.manifest_gets[digest] == 1
