@@ -128,6 +128,7 @@ class Forwarder:
         "idle_s",
         "info",
         "origin",
+        "out",
         "pending",
         "pumping",
         "sink",
@@ -150,6 +151,7 @@ class Forwarder:
         if eof:
             self.client.receive_data(b"")
         self.origin: Origin | None = None
+        self.out: list[bytes] = []  # for the client, written once per callback (_flush)
         # Where request body events go: the origin, or nowhere (the request was answered).
         self.sink: Origin | None = None
         self.dial_task: asyncio.Task[None] | None = None
@@ -235,6 +237,7 @@ class Forwarder:
             self._pump_events()
         finally:
             self.pumping = False
+            self._flush()
 
     def _pump_events(self) -> None:
         c = self.client
@@ -418,6 +421,7 @@ class Forwarder:
         self.counters.last_activity = time.monotonic()
         try:
             self._pump_origin(o)
+            self._flush()
         except Exception as e:
             self._internal(e)
 
@@ -483,6 +487,7 @@ class Forwarder:
                 self._pump_origin(o)  # the EOF ends a close-delimited body, or is an error
                 if o is self.origin:
                     self._origin_failed(o, f"{o.where} closed the connection")
+            self._flush()
         except Exception as e:
             self._internal(e)
 
@@ -544,6 +549,7 @@ class Forwarder:
             return
         if self.challenged is not None and not self.admitted:
             self.info.finish(Outcome.AUTH_FAILED, str(self.challenged))
+        self._flush()  # the answer goes out before the close
         self._teardown()
         self.ctx.end(outcome, error)
 
@@ -564,9 +570,20 @@ class Forwarder:
     # -- writing to the client -----------------------------------------------------------------
 
     def _send(self, event: Any) -> None:
+        """Frame `event` for the client; the bytes go out at the end of this callback."""
         parts = self.client.send_with_data_passthrough(event)
         if parts:
-            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            self.out += parts
+
+    def _flush(self) -> None:
+        """One write for everything one callback produced (a small response: one send)."""
+        out = self.out
+        if out:
+            self.out = []
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
 
     def _answer(self, status: int, message: str, extra: Sequence[tuple[str, str]] = ()) -> None:
         """Answer the current request with an error, if our response has not started."""
@@ -614,24 +631,27 @@ class Forwarder:
         if self.ended:
             return
         try:
-            now = time.monotonic()
-            if self.dial_task is not None:  # the dial has its own deadline
-                self._arm(now + self.idle_s)
-                return
-            hd = self.head_deadline
-            if hd is not None and now >= hd:
-                # h11 has no request to answer yet: the 408 goes out as raw bytes.
-                msg = "request head not received in time"
-                self.transport.write(http_error_response(408, msg))
-                self._end(Outcome.HANDSHAKE_TIMEOUT, msg)
-                return
-            idle_end = self.counters.last_activity + self.idle_s
-            if now >= idle_end:
-                self._idle_timeout()
-                return
-            self._arm(idle_end if hd is None else min(hd, idle_end))
+            self._tick(time.monotonic())
+            self._flush()
         except Exception as e:
             self._internal(e)
+
+    def _tick(self, now: float) -> None:
+        if self.dial_task is not None:  # the dial has its own deadline
+            self._arm(now + self.idle_s)
+            return
+        hd = self.head_deadline
+        if hd is not None and now >= hd:
+            # h11 has no request to answer yet: the 408 goes out as raw bytes.
+            msg = "request head not received in time"
+            self.transport.write(http_error_response(408, msg))
+            self._end(Outcome.HANDSHAKE_TIMEOUT, msg)
+            return
+        idle_end = self.counters.last_activity + self.idle_s
+        if now >= idle_end:
+            self._idle_timeout()
+            return
+        self._arm(idle_end if hd is None else min(hd, idle_end))
 
     def _idle_timeout(self) -> None:
         c = self.client
