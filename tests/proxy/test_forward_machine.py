@@ -19,6 +19,7 @@ from helpers import (
     TUNNEL_NAME,
     CaptureOrigin,
     MiB,
+    MiniSocks5,
     Origin,
     RunningProxy,
     TcpServer,
@@ -29,7 +30,7 @@ from helpers import (
 )
 
 from fwdproxy.net.relay_fast import HIGH_WATER
-from fwdproxy.proxy.forward import HOLD_ORIGIN, Forwarder
+from fwdproxy.proxy.forward import HOLD_DIAL, HOLD_ORIGIN, Forwarder
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,6 +151,52 @@ async def test_slow_origin_reader_pauses_the_client_upload(proxy: RunningProxy) 
         finally:
             w.close()
     assert resp.status == 200 and resp.text == sha256(body)
+
+
+class GatedMiniSocks5(MiniSocks5):
+    """A SOCKS5 upstream that answers nothing until `gate` is set: a dial that takes long."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.seen = asyncio.Event()
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.seen.set()
+        await self.gate.wait()
+        await super().handle(r, w)
+
+
+async def test_a_body_sent_during_a_slow_dial_is_held_back_not_buffered(
+    make_proxy: Any, origin: Origin
+) -> None:
+    """While the origin is being dialled the proxy keeps what came, up to a bound, then stops
+    reading the client; after the dial all of the body reaches the origin."""
+    n = 16 * MiB
+    body = payload(n, seed=9)
+    async with GatedMiniSocks5() as up:
+        proxy = await make_proxy(upstream_url=f"socks5://127.0.0.1:{up.port}")
+        r, w = await proxy.open()
+        try:
+            w.write(
+                get(f"{TUNNEL_NAME}:{origin.port}", "/upload", f"Content-Length: {n}\r\n", "POST")
+            )
+            w.write(body)
+            await asyncio.wait_for(up.seen.wait(), 10)
+            fw = await forwarder(proxy)
+            await poll_until(
+                lambda: bool(fw.hold & HOLD_DIAL) and not fw.transport.is_reading(),
+                10,
+                "reading the client to pause during the dial",
+            )
+            assert fw.early <= BOUND, fw.early
+            up.gate.set()
+            resp = await read_response(r, timeout_s=30)
+        finally:
+            w.close()
+            up.gate.set()
+    assert resp.status == 200, resp.text
+    assert resp.json()["body_len"] == n and resp.json()["body_sha256"] == sha256(body)
 
 
 # -- pipelining -----------------------------------------------------------------------------
