@@ -410,3 +410,19 @@ async def test_client_gone_in_the_middle_of_a_request_body_is_a_bad_request(
     (fields,) = access_fields(caplog)
     assert fields["outcome"] == "bad-request"
     assert "middle of a request body" in fields["error"]
+
+
+async def test_informational_responses_are_relayed_before_the_final_one(
+    proxy: RunningProxy,
+) -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with CaptureOrigin(hints + final) as cap:
+        r, w = await proxy.open()
+        try:
+            w.write(get(f"{DIRECT_NAME}:{cap.port}", "/"))
+            resp = await read_response(r)
+        finally:
+            w.close()
+    assert resp.informational == [103]
+    assert resp.status == 200 and resp.body == b"ok"
