@@ -22,7 +22,9 @@ from fwdproxy.core.addr import ip_of
 from fwdproxy.core.errors import DialError, DialTimeout, Socks5Reply
 
 _T = TypeVar("_T")
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 HAPPY_EYEBALLS_DELAY_S = 0.25
+STREAM_LIMIT = 256 * 1024
 EARLY_LIMIT = 256 * 1024  # bytes a target may send before the relay starts, then we pause it
 
 _ERRNO_REPLY = {
@@ -83,6 +85,13 @@ class Dialed:
     def close(self) -> None:
         self.transport.abort()
 
+    def streams(self) -> Streams:
+        """The same connection as asyncio streams, for code that reads with coroutines."""
+        ib = self.inbound
+        return streams_over(
+            self.transport, bytes(ib.data), eof=ib.eof or ib.lost, error=ib.error
+        )
+
     def hand_over(self, protocol: asyncio.Protocol) -> None:
         """Give the transport to `protocol`, replaying what Inbound held, in order.
 
@@ -106,6 +115,30 @@ class Dialed:
             return
         if not t.is_closing():
             t.resume_reading()
+
+
+def streams_over(
+    transport: Any, data: bytes = b"", *, eof: bool = False, error: Exception | None = None
+) -> Streams:
+    """Asyncio streams over a transport another protocol owned until now.
+
+    What that protocol had already received (`data`, then EOF or an error) is fed to the new
+    reader first, and reading is resumed in case it was paused for the hand-over.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+    proto = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport.set_protocol(proto)
+    proto.connection_made(transport)
+    if data:
+        reader.feed_data(data)
+    if error is not None:
+        reader.set_exception(error)
+    elif eof:
+        reader.feed_eof()
+    if not transport.is_closing():
+        transport.resume_reading()
+    return reader, asyncio.StreamWriter(transport, proto, reader, loop)
 
 
 def classify_os_error(e: OSError) -> tuple[Socks5Reply, str]:
