@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import h11
 
+from fwdproxy.core.addr import format_host_port
 from fwdproxy.net.relay_fast import HIGH_WATER, LOW_WATER
 
 Key = tuple[str, int, str]  # host, port, route: an origin connection is reused only for the same
@@ -53,8 +54,7 @@ class Origin(asyncio.Protocol):
     @property
     def where(self) -> str:
         """`host:port` for messages."""
-        host, port, _ = self.key
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_host_port(self.key[0], self.key[1])
 
     def usable(self, key: Key) -> bool:
         """Idle, open, and for the same host, port and route: the next request may use it."""
