@@ -426,3 +426,20 @@ async def test_informational_responses_are_relayed_before_the_final_one(
             w.close()
     assert resp.informational == [103]
     assert resp.status == 200 and resp.body == b"ok"
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_idle_timeout(
+    make_proxy: Any, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fwdproxy.access")
+    proxy = await make_proxy(limits={"idle_timeout_s": 0.5})
+    r, w = await proxy.open()
+    try:
+        w.write(get(f"{DIRECT_NAME}:{origin.port}", "/echo/once"))
+        assert (await read_response(r)).status == 200
+        assert await asyncio.wait_for(r.read(), 10) == b""  # closed by the proxy, not by us
+    finally:
+        w.close()
+    await poll_until(lambda: not proxy.server.state.connections, 5, "the connection to end")
+    (fields,) = access_fields(caplog)
+    assert fields["outcome"] == "idle-timeout" and fields["requests"] == 1
