@@ -86,11 +86,35 @@ class Dialed:
         self.transport.abort()
 
     def streams(self) -> Streams:
-        """The same connection as asyncio streams (plain HTTP forwarding works on streams)."""
+        """The same connection as asyncio streams, for code that reads with coroutines."""
         ib = self.inbound
         return streams_over(
             self.transport, bytes(ib.data), eof=ib.eof or ib.lost, error=ib.error
         )
+
+    def hand_over(self, protocol: asyncio.Protocol) -> None:
+        """Give the transport to `protocol`, replaying what Inbound held, in order.
+
+        The new protocol sees `connection_made`, then the early bytes, then the EOF or the loss
+        that Inbound saw, exactly as if it had owned the transport from the start; reading is
+        resumed in case Inbound paused it at EARLY_LIMIT. The callbacks may run before this
+        returns, so the caller sets up its side first (e.g. writes the request).
+        """
+        ib, t = self.inbound, self.transport
+        t.set_protocol(protocol)
+        protocol.connection_made(t)
+        if ib.data:
+            data = bytes(ib.data)
+            ib.data.clear()
+            protocol.data_received(data)
+        if ib.lost:
+            protocol.connection_lost(ib.error)
+            return
+        if ib.eof and not protocol.eof_received():
+            t.close()
+            return
+        if not t.is_closing():
+            t.resume_reading()
 
 
 def streams_over(

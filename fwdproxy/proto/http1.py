@@ -176,11 +176,17 @@ def absolute_target(url: str) -> Target:
 def strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1)."""
     named: set[bytes] = set()
-    for k, v in headers:
-        lk = k.lower()
-        if lk in (b"connection", b"proxy-connection"):
-            named.update(tok.strip().lower() for tok in v.split(b",") if tok.strip())
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+    keep = []
+    for h in headers:
+        low = h[0].lower()
+        if low in HOP_BY_HOP:
+            if low == b"connection" or low == b"proxy-connection":
+                named.update(t for tok in h[1].split(b",") if (t := tok.strip().lower()))
+        else:
+            keep.append((low, h))
+    if named:  # (a header named in Connection may come before it)
+        return [h for low, h in keep if low not in named]
+    return [h for _, h in keep]
 
 
 def framing_problem(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

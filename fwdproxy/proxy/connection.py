@@ -8,8 +8,9 @@ always learns *why* a tunnel failed. The one exception is TLS-SNI routing of IP-
 targets: the client sends its ClientHello only after the reply (a documented trade-off,
 limited to configured TLS ports, and never for a target the rules reject).
 
-Plain HTTP forwarding (absolute-form requests) is handed to fwdproxy.proxy.forward, which
-runs on streams built over this connection's transport.
+Plain HTTP forwarding (absolute-form requests) is handed to fwdproxy.proxy.forward: from
+then on this protocol passes its transport callbacks to the Forwarder, a state machine of its
+own (no streams, no Task but a dial's).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fwdproxy.core.errors import (
     socks_reply,
 )
 from fwdproxy.core.outcome import Outcome, outcome_of
-from fwdproxy.net.dial import Deadline, Dialed, dial_direct, streams_over
+from fwdproxy.net.dial import Deadline, Dialed, dial_direct
 from fwdproxy.net.relay_fast import Leftover, Tunnel, start_relay
 from fwdproxy.proto.http1 import connect_target, parse_request_head
 from fwdproxy.proto.need import NEED_DATA
@@ -46,12 +47,11 @@ from fwdproxy.proto.socks import (
 from fwdproxy.proto.tls import parse_client_hello_sni
 from fwdproxy.proxy import admission
 from fwdproxy.proxy.accesslog import ACCESS
-from fwdproxy.proxy.forward import forward_http
+from fwdproxy.proxy.forward import Forwarder
 from fwdproxy.proxy.state import ConnInfo
 
 if TYPE_CHECKING:
     from fwdproxy.config import Config, Listener
-    from fwdproxy.net.dial import Streams
     from fwdproxy.proxy.state import ServerState
     from fwdproxy.routing.rules import Decision
 
@@ -73,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "feed",
         "finished",
+        "forwarder",
         "info",
         "listener",
         "machine",
@@ -98,6 +99,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.tunnel: Tunnel | None = None
+        self.forwarder: Forwarder | None = None
         self.client_eof = False
         self.finished = False
         self.refusal: str | None = None
@@ -130,6 +132,10 @@ class ClientConnection(asyncio.Protocol):
         self.refusal = admission.client_refusal(self.listener, self.peer_ip)
 
     def data_received(self, data: bytes) -> None:
+        fw = self.forwarder
+        if fw is not None:
+            fw.client_data(data)
+            return
         self.buf += data
         try:
             self.feed()
@@ -141,7 +147,9 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
-        if self.feed == self._feed_sni:
+        if self.forwarder is not None:
+            self.forwarder.client_eof()
+        elif self.feed == self._feed_sni:
             self._sni_done()  # route by what the client sent; it may be half-closing
         elif self.feed == self._feed_sniff and not self.buf:
             self._end(Outcome.EMPTY)
@@ -151,9 +159,19 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.finished:
+            if self.forwarder is not None:
+                self.forwarder.client_lost()  # closes its origin, cancels its dial
             self._end(Outcome.CLIENT_RESET, str(exc) if exc else None)
             if self.task is not None:
                 self.task.cancel()  # the dial's result has nowhere to go
+
+    def pause_writing(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.client_full(True)  # (a tunnel installs protocols of its own)
+
+    def resume_writing(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.client_full(False)
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -162,8 +180,10 @@ class ClientConnection(asyncio.Protocol):
         self.info.finish(Outcome.CLOSED_BY_SERVER)
         if self.tunnel is not None:
             self.tunnel.finish("cancelled")  # closes both sides, then reports: _relay_done
+        elif self.forwarder is not None:
+            self.forwarder.close()
         elif self.task is not None:
-            self.task.cancel()  # the forwarder's own handler (or _task_done) ends it
+            self.task.cancel()  # _task_done ends it
         else:
             self._end(Outcome.CLOSED_BY_SERVER)
 
@@ -177,6 +197,15 @@ class ClientConnection(asyncio.Protocol):
     def _fail(self, e: FwdProxyError) -> None:
         """End with the outcome of `e`; the caller has written the client's answer."""
         self._end(outcome_of(e), str(e))
+
+    def end(self, outcome: Outcome, error: str | None = None) -> None:
+        """Record the outcome (the first one wins) and close: the forwarder's way out."""
+        self._end(outcome, error)
+
+    @property
+    def stopping(self) -> bool:
+        """The server is shutting down (a forwarder closes once its exchange is done)."""
+        return not self.state.accepting
 
     def _end(self, outcome: Outcome, error: str | None = None) -> None:
         self.info.finish(outcome, error)
@@ -193,7 +222,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         self.deadline = None
-        if self.finished or self.task is not None or self.tunnel is not None:
+        if self.finished or self.task is not None or self.tunnel is not None or self.forwarder:
             return
         if self.feed == self._feed_http:
             self.transport.write(http_error_response(408, "request head not received in time"))
@@ -346,42 +375,12 @@ class ClientConnection(asyncio.Protocol):
     # -- plain HTTP forwarding ------------------------------------------------------------------
 
     def _forward(self) -> None:
-        """Hand the connection to the forwarder, on streams over this transport."""
+        """Hand the connection to the forwarder with what was read (h11 parses it again)."""
         self._stop_handshake()
-        # The head is handed over as `first` (h11 parses it again); EOF goes to the reader.
-        reader, writer = streams_over(self.transport, eof=self.client_eof)
         first = bytes(self.buf)
         self.buf.clear()
-        self.feed = self._feed_ignored
-        self.task = asyncio.get_running_loop().create_task(
-            self._run_forward(reader, writer, first)
-        )
-        self.task.add_done_callback(self._task_done)
-
-    def _feed_ignored(self) -> None:
-        self.buf.clear()
-
-    async def _run_forward(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes
-    ) -> None:
-        ctx = _ForwardContext(self, reader, writer)
-        try:
-            await forward_http(ctx, first)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            self.info.finish(Outcome.CLIENT_RESET)
-        except asyncio.TimeoutError:
-            self.info.finish(Outcome.IDLE_TIMEOUT, "no data within idle_timeout_s")
-        except FwdProxyError as e:
-            self.info.finish(outcome_of(e), str(e))
-        except asyncio.CancelledError:
-            self.info.finish(Outcome.CLOSED_BY_SERVER)
-        except Exception as e:  # the one catch-all, at the connection boundary
-            logger.exception("conn %d: internal error", self.info.id)
-            self.info.finish(Outcome.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
-        finally:
-            if not writer.is_closing():
-                writer.close()
-            self._end(Outcome.OK)
+        self.forwarder = fw = Forwarder(self, first, self.client_eof)
+        fw.start()
 
     # -- decide, dial, reply, relay -------------------------------------------------------------
 
@@ -558,34 +557,3 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.info.decision = by_ip
         self._start_dial(d, route_host, port)
-
-
-class _ForwardContext:
-    """What the forwarder may use of its connection (fwdproxy.proxy.forward.Context)."""
-
-    __slots__ = ("conn", "reader", "writer")
-
-    def __init__(
-        self, conn: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.conn = conn
-        self.reader = reader
-        self.writer = writer
-
-    @property
-    def config(self) -> Config:
-        return self.conn.config
-
-    @property
-    def info(self) -> ConnInfo:
-        return self.conn.info
-
-    def admit(self, proxy_authorization: bytes | None) -> None:
-        self.conn.admit_http(proxy_authorization)
-
-    def decide(self, host: str, port: int) -> Decision:
-        return self.conn.decide(host, port)
-
-    async def dial(self, d: Decision, host: str, port: int) -> Streams:
-        return (await self.conn.dial(d, host, port)).streams()
-
