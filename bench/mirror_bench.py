@@ -273,7 +273,7 @@ class Topology:
 
     @staticmethod
     def shape(mibps: float | None) -> None:
-        """tbf on the download direction; None: unlimited (used to fill the registry)."""
+        """tbf on the download direction (fpmb-out -> fpmb-node); None: unlimited."""
         run(in_ns(NS_OUT, ["tc", "qdisc", "del", "dev", IF_OUT, "root"]), check=False)
         if mibps:
             rate = f"{int(mibps * 1024)}kibps"
@@ -293,14 +293,21 @@ class Topology:
                 "up_bytes": st["rx"]["bytes"], "up_packets": st["rx"]["packets"]}
 
     def teardown(self) -> list[str]:
+        """Delete both namespaces (and with them the veth pair); a process of ours still
+        inside one (none should be: Procs stopped them) is killed by pid first."""
         problems = []
         if not self.made:
             return problems
         for ns in (NS_OUT, NS_NODE):
-            if Path(f"/run/netns/{ns}").exists():
-                r = run(["ip", "netns", "del", ns], check=False)
-                if r.returncode != 0:
-                    problems.append(f"ip netns del {ns}: {r.stderr.strip()}")
+            if not Path(f"/run/netns/{ns}").exists():
+                continue
+            for pid in run(["ip", "netns", "pids", ns], check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+                    problems.append(f"killed pid {pid} still in {ns}")
+            r = run(["ip", "netns", "del", ns], check=False)
+            if r.returncode != 0:
+                problems.append(f"ip netns del {ns}: {r.stderr.strip()}")
         return problems
 
 
@@ -920,9 +927,6 @@ class Bench:
         self.dest.mkdir(parents=True, exist_ok=True)
         print("image", flush=True)
         self.oci = image_dir(s)
-        left = self.topo.leftovers()
-        if left:
-            print(f"removed leftovers of a crashed run: {', '.join(left)}", flush=True)
         self.topo.setup()
         res["qdisc"] = self.topo.qdisc()
         self.start_out()
@@ -1429,6 +1433,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_prereqs()
         with bench_lock():
+            left = Topology.leftovers()
+            for d in Path("/var/tmp").glob("fpmb-*"):  # ours, and no other run holds the lock
+                shutil.rmtree(d, ignore_errors=True)
+                left.append(str(d))
+            if left:
+                print(f"removed leftovers of a crashed run: {', '.join(left)}", flush=True)
             data_dir = Path(tempfile.mkdtemp(prefix="fpmb-", dir="/var/tmp"))
             dest = Path(tempfile.mkdtemp(prefix="fpmb-pulls-", dir=args.dest)) if args.dest \
                 else data_dir / "pulls"
@@ -1443,6 +1453,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"mirror benchmark failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(f"mirror benchmark interrupted ({e or 'Ctrl-C'}); its namespaces and processes "
+              "were removed", file=sys.stderr)
+        return 130
     finally:
         for d in (dest, data_dir):
             if d is not None:
