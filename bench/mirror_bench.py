@@ -980,13 +980,13 @@ class Bench:
         # sendfile server (the ceiling of a GET over loopback on this machine).
         self.start_fwdproxy("mirror", loop="asyncio")
         hit["mirror_asyncio"] = self.hits("fwdproxy mirror --loop asyncio", MIRROR_PORT,
-                                          url_path, processes=False, pid=self.fwd.pid)
+                                          url_path, processes=True, pid=self.fwd.pid)
         self.stop_fwdproxy()
         log = self.work / "sendfile-server.log"
         p = self.procs.start("sendfile server", in_ns(NS_NODE, [
             sys.executable, str(Path(__file__).resolve()), "--serve-file", f"{path}:5999"]), log)
         wait_port(NS_NODE, "127.0.0.1", 5999, p, "sendfile server", log)
-        hit["ceiling"] = self.hits("bare sendfile server", 5999, "/blob", processes=False,
+        hit["ceiling"] = self.hits("bare sendfile server", 5999, "/blob", processes=True,
                                    pid=p.pid)
         self.procs.stop(p)
         res["cache_hit"] = hit
