@@ -1049,7 +1049,8 @@ def strace_summary(table: str) -> dict[str, int]:
     calls = {}
     for line in table.splitlines():
         parts = line.split()
-        if len(parts) >= 5 and parts[0].replace(".", "").isdigit() and parts[-1].isidentifier():
+        if len(parts) >= 5 and parts[0].replace(".", "").isdigit() and parts[-1].isidentifier() \
+                and parts[-1] != "total":
             with contextlib.suppress(ValueError):
                 calls[parts[-1]] = int(parts[3])
     return calls
@@ -1264,7 +1265,8 @@ def render(data: dict[str, Any]) -> str:
         lines += ["### Profile of the cache hit", ""]
         if "strace" in prof:
             calls = ", ".join(f"{k} {v}" for k, v in sorted(prof["strace"].items(),
-                                                              key=lambda x: -x[1])[:8])
+                                                              key=lambda x: -x[1])[:8]
+                              if k != "total")
             lines.append(f"System calls of fwdproxy during 2 GETs (`strace -f -c`): {calls}.")
         py = prof.get("pyspy")
         if py:
