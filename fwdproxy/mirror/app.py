@@ -568,7 +568,7 @@ class _CachedBlob(web.FileResponse):
     remove the file between the lookup and the send."""
 
     def __init__(self, handle: BlobHandle, reg: RegistryStats, headers: dict[str, str]) -> None:
-        super().__init__(handle.info.path, chunk_size=256 * 1024, headers=headers)
+        super().__init__(handle.info.path, chunk_size=1024 * 1024, headers=headers)
         self._handle = handle
         self._reg = reg
         # A response aiohttp never prepares (the client left first) still lets go of the pin.
