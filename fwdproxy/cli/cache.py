@@ -519,6 +519,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
     )
     from fwdproxy.routing.imageref import ImageRefError, parse_image_ref
 
+    args.images = list(args.images) + _images_from(args.from_files or [])
+    if not args.images:
+        raise CacheCommandError("nothing to warm: name IMAGEs or --from FILE", 2)
     for image in args.images:
         try:
             parse_image_ref(image)
@@ -555,6 +558,27 @@ def cmd_warm(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     return _print_warm(args, mirror, report)
+
+
+def _images_from(paths: list[str]) -> list[str]:
+    """Images named by Kubernetes manifests or `kubectl get -o json|yaml` output ('-': stdin)."""
+    from fwdproxy.cli.kubeimages import ManifestError, images_in_text
+
+    out: list[str] = []
+    for path in paths:
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise CacheCommandError(f"--from {path}: {e.strerror or e}", 2) from None
+        try:
+            found = images_in_text(text)
+        except ManifestError as e:
+            raise CacheCommandError(f"--from {path}: {e}", 2) from None
+        if not found:
+            print(f"fwdproxy cache warm: --from {path}: no container images found",
+                  file=sys.stderr)
+        out += [i for i in found if i not in out]
+    return out
 
 
 def _warm_standalone(args: argparse.Namespace, platforms: list[Any]) -> int:
@@ -750,10 +774,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "  fwdproxy cache warm ghcr.io/org/app:1 --platform linux/arm64 "
         "--platform linux/amd64\n"
         "  fwdproxy cache warm quay.io/org/app@sha256:... --all-platforms "
-        "--mirror http://10.0.0.2:5000\n",
+        "--mirror http://10.0.0.2:5000\n"
+        "  kubectl get pods -A -o json | fwdproxy cache warm --from -\n"
+        "  fwdproxy cache warm --from deploy.yaml --standalone --cache-dir /var/cache/fwdproxy\n",
     )
     add_config_arg(s)
-    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("images", nargs="*", metavar="IMAGE")
+    s.add_argument(
+        "--from",
+        dest="from_files",
+        action="append",
+        metavar="FILE",
+        help="also warm every image a Kubernetes manifest or `kubectl get pods -A -o json` "
+        "output names (repeatable; - reads stdin)",
+    )
     s.add_argument(
         "--platform",
         action="append",
