@@ -89,6 +89,8 @@ class MirrorSpec:
     fetch_timeout_s: float = 30.0  # no upstream progress for this long breaks a fetch
     retries: int = 5  # resumes of one blob before the client gets an error
     parents: tuple[MirrorParent, ...] = ()  # tried in order before the node's own route
+    tls_cert: str | None = None  # serve the mirror over HTTPS (a parent across a network)
+    tls_key: str | None = None
 
     def registry(self, name: str) -> MirrorRegistry:
         return self.registries.get(name) or MirrorRegistry(name)
@@ -116,6 +118,7 @@ _MIRROR_KEYS: Final = {
     "fetch_timeout",
     "retries",
     "parent",
+    "tls",
 }
 _REGISTRY_KEYS: Final = {"username", "password", "ca_file", "plain_http"}
 
@@ -257,6 +260,24 @@ def _parents(raw: Any, line: int | None, env: Mapping[str, str], base: Path,
     return tuple(out)
 
 
+def _tls(raw: Any, line: int | None, base: Path, add: Add) -> dict[str, str]:
+    """`tls: {cert: PATH, key: PATH}`: both files must exist (loaded when the mirror starts)."""
+    if raw is None or raw is False:
+        return {}
+    if not isinstance(raw, dict) or "cert" not in raw or "key" not in raw:
+        add(line, "mirror.tls", "a mapping {cert: PATH, key: PATH}")
+        return {}
+    for k in set(raw) - {"cert", "key"}:
+        add(line_of(raw, k) or line, f"mirror.tls.{k}", "unknown key; known: cert, key")
+    out = {}
+    for key in ("cert", "key"):
+        path = (base / str(raw[key])).expanduser()
+        if not path.is_file():
+            add(line_of(raw, key) or line, f"mirror.tls.{key}", f"no such file: {path}")
+        out[f"tls_{key}"] = str(path)
+    return out
+
+
 def _seconds(raw: Mapping[str, Any], key: str, default: float, add: Add) -> float:
     if key not in raw:
         return default
@@ -324,6 +345,7 @@ def parse_mirror(raw: Any, env: Mapping[str, str], base: Path, add: Add,
         fetch_timeout_s=_seconds(raw, "fetch_timeout", 30.0, add) or 30.0,
         retries=retries,
         parents=_parents(raw.get("parent"), line_of(raw, "parent") or line, env, base, add),
+        **_tls(raw.get("tls"), line_of(raw, "tls") or line, base, add),
     )
 
 

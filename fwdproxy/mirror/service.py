@@ -83,9 +83,18 @@ class MirrorService:
         self._runner = web.AppRunner(self.mirror.make_app(), handle_signals=False,
                                      access_log=None)
         await self._runner.setup()
+        server_ssl = None
+        if self.spec.tls_cert and self.spec.tls_key:
+            server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                server_ssl.load_cert_chain(self.spec.tls_cert, self.spec.tls_key)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError([f"mirror.tls: cannot load {self.spec.tls_cert} / "
+                                   f"{self.spec.tls_key}: {e}"]) from None
         for lst in self.spec.listeners:
             before = set(self.addresses)
-            site = web.TCPSite(self._runner, lst.host, lst.port, reuse_address=True)
+            site = web.TCPSite(self._runner, lst.host, lst.port, reuse_address=True,
+                               ssl_context=server_ssl)
             await site.start()
             self._sites.append(site)
             for bound in set(self.addresses) - before:
@@ -97,7 +106,8 @@ class MirrorService:
                           f"{usage.bytes} bytes, max {self.store.max_size or 'unbounded'})")
         else:
             cache_text = "no cache (streaming only; set cache.dir or --cache-dir)"
-        logger.info("registry mirror on http://%s, %s", where, cache_text)
+        scheme = "https" if server_ssl is not None else "http"
+        logger.info("registry mirror on %s://%s, %s", scheme, where, cache_text)
 
     async def stop(self) -> None:
         if self.mirror is not None:

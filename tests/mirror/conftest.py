@@ -31,7 +31,8 @@ class RunningMirror:
 
 
 @contextlib.asynccontextmanager
-async def running_mirror(cfg: dict[str, Any]) -> AsyncIterator[RunningMirror]:
+async def running_mirror(cfg: dict[str, Any], scheme: str = "http"
+                         ) -> AsyncIterator[RunningMirror]:
     config = parse_config(load_yaml(yaml.safe_dump(cfg)), "test.yaml", env={})
     server = Server(config, mirror_factory=lambda s, spec: MirrorService(s.state, spec))
     await server.start()
@@ -40,7 +41,7 @@ async def running_mirror(cfg: dict[str, Any]) -> AsyncIterator[RunningMirror]:
         assert isinstance(service, MirrorService)
         host, port = service.addresses[0]
         async with aiohttp.ClientSession(auto_decompress=False) as session:
-            yield RunningMirror(server, service, f"http://{host}:{port}", session)
+            yield RunningMirror(server, service, f"{scheme}://{host}:{port}", session)
     finally:
         await server.stop(grace_s=1)
 

@@ -101,3 +101,32 @@ async def test_a_chain_over_the_hop_limit_is_refused_as_such(tmp_path: Path,
         assert "mirror loop" in message and "check the mirror.parent settings" in message
         assert "passed through 8 mirrors" in message, message
         assert "through this mirror" not in message, message
+
+
+async def test_parent_over_tls_with_the_childs_ca_bundle(tmp_path: Path,
+                                                         registry: FakeRegistry) -> None:
+    """mirror.tls on the parent's listener; the child trusts it through parent.ca_file."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "gw.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    regs = {registry.host: {"plain_http": True}}
+    gw_cfg = mirror_config(str(tmp_path / "gw"), registries=regs,
+                           tls={"cert": str(tmp_path / "gw.pem"), "key": str(tmp_path / "gw.pem")})
+    async with running_mirror(gw_cfg, scheme="https") as gw:
+        port = gw.url.rsplit(":", 1)[1]
+        d = biggest(registry)
+        for ca_file, route in ((str(tmp_path / "ca.pem"), f"parent localhost:{port}"),
+                               (None, "direct")):
+            parent: dict[str, str] = {"url": f"https://localhost:{port}"}
+            if ca_file:
+                parent["ca_file"] = ca_file
+            cfg = mirror_config(str(tmp_path / f"n{route[:6]}"), registries=regs, parent=[parent])
+            async with running_mirror(cfg) as node:
+                async with await node.get(f"/v2/{REPO}/blobs/{d}?ns={registry.host}") as r:
+                    assert r.status == 200
+                    assert await r.read() == registry.blobs[d]
+                # Without the CA the parent is untrusted: the node falls back to its own route.
+                assert set(node.service.stats[registry.host].bytes_fetched) == {route}
