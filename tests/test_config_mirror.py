@@ -77,6 +77,10 @@ def test_mirror_shorthands_and_overrides(tmp_path: Path) -> None:
         ("cache:\n  dir: /tmp/x\n  max_size: lots\n", 3, "cache.max_size", "not a size"),
         ("cache: {max_size: 1G}\n", 1, "cache", "dir"),
         ("mirror: 12\n", 1, "mirror", "mapping"),
+        ("mirror:\n  tls: {cert: /no/c.pem, key: /no/k.pem}\n", 2, "mirror.tls.cert",
+         "no such file"),
+        ("mirror:\n  parent: ftp://gw:5000\n", 2, "mirror.parent", "http://HOST:PORT"),
+        ("mirror:\n  parent: [http://gw:5000/path]\n", 2, "mirror.parent[0]", "no path"),
     ],
 )
 def test_mirror_errors_name_file_line(tmp_path: Path, text: str, line: int, where: str,
