@@ -29,6 +29,7 @@ from fwdproxy.config.mirror import (
 from fwdproxy.config.mirror import (
     MirrorRegistry as MirrorRegistry,
 )
+from fwdproxy.config.values import parse_nets, secret_ref
 from fwdproxy.config.yamlsrc import LineDict, line_of, load_yaml
 from fwdproxy.core.addr import MAX_HOST_LEN, AddressError, normalise_host, split_host_port
 from fwdproxy.core.errors import ConfigError
@@ -539,13 +540,7 @@ def _parse_listeners(
 
 
 def _parse_allow(raw: Any, where: str, p: _Problems, line: int | None) -> tuple[Any, ...]:
-    nets = []
-    for c in _as_list(raw):
-        try:
-            nets.append(ipaddress.ip_network(str(c), strict=False))
-        except ValueError as e:
-            p.add(line_of(raw) or line, where, str(e))
-    return tuple(nets)
+    return parse_nets(raw, where, line, p.add)
 
 
 def _parse_users(
@@ -567,18 +562,10 @@ def _parse_users(
             if not re.fullmatch(r"[0-9a-f]{64}", h):
                 p.add(line, where, "sha256 must be 64 hex digits (sha256sum of the password)")
             users[str(name)] = "sha256:" + h
-        elif isinstance(secret, dict) and "env" in secret:
-            value = env.get(str(secret["env"]))
-            if value is None:
-                p.add(line, where, f"environment variable {secret['env']} is not set")
-            else:
+        elif isinstance(secret, dict) and ("env" in secret or "file" in secret):
+            value = secret_ref(secret, where, line, env, base, p.add)
+            if value is not None:
                 users[str(name)] = "plain:" + value
-        elif isinstance(secret, dict) and "file" in secret:
-            path = (base / str(secret["file"])).expanduser()
-            try:
-                users[str(name)] = "plain:" + path.read_text().strip("\r\n")
-            except OSError as e:
-                p.add(line, where, f"cannot read password file {path}: {e.strerror}")
         else:
             p.add(line, where, "use a password string or {sha256: HEX} | {env: VAR} | {file: PATH}")
     return users

@@ -6,12 +6,12 @@ through the loader's `add(line, where, message)` so they come out with file:line
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from fwdproxy.config.values import Add, Net, existing_file, parse_nets, secret_ref
 from fwdproxy.config.yamlsrc import line_of
 from fwdproxy.core.addr import AddressError, split_host_port
 from fwdproxy.core.units import parse_duration, parse_size
@@ -27,9 +27,6 @@ __all__ = [
     "parse_cache",
     "parse_mirror",
 ]
-
-Add = Callable[[int | None, str, str], None]
-Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_MIRROR_LISTEN: Final = "127.0.0.1:5000"
 
@@ -131,18 +128,8 @@ def _registry_name(text: object, line: int | None, where: str, add: Add) -> str 
         return None
 
 
-def _allow(raw: Any, where: str, line: int | None, add: Add) -> tuple[Net, ...]:
-    nets = []
-    for c in raw if isinstance(raw, list) else ([] if raw is None else [raw]):
-        try:
-            nets.append(ipaddress.ip_network(str(c), strict=False))
-        except ValueError as e:
-            add(line_of(raw) or line, where, str(e))
-    return tuple(nets)
-
-
 def _listeners(raw: Any, allow_raw: Any, line: int | None, add: Add) -> tuple[MirrorListener, ...]:
-    common = _allow(allow_raw, "mirror.allow", line, add)
+    common = parse_nets(allow_raw, "mirror.allow", line, add)
     items = raw if isinstance(raw, list) else [raw if raw is not None else DEFAULT_MIRROR_LISTEN]
     out = []
     for i, item in enumerate(items):
@@ -151,7 +138,7 @@ def _listeners(raw: Any, allow_raw: Any, line: int | None, add: Add) -> tuple[Mi
         if isinstance(item, dict):
             addr = item.get("listen")
             if "allow" in item:
-                allow = _allow(item["allow"], f"{where}.allow", line, add)
+                allow = parse_nets(item["allow"], f"{where}.allow", line, add)
         try:
             host, port = split_host_port(str(addr), allow_zero=True)
         except AddressError as e:
@@ -167,18 +154,8 @@ def _secret(raw: Any, where: str, line: int | None, env: Mapping[str, str], base
         return None
     if isinstance(raw, (str, int)):
         return str(raw)
-    if isinstance(raw, dict) and "env" in raw:
-        value = env.get(str(raw["env"]))
-        if value is None:
-            add(line, where, f"environment variable {raw['env']} is not set")
-        return value
-    if isinstance(raw, dict) and "file" in raw:
-        path = (base / str(raw["file"])).expanduser()
-        try:
-            return path.read_text().strip("\r\n")
-        except OSError as e:
-            add(line, where, f"cannot read password file {path}: {e.strerror}")
-            return None
+    if isinstance(raw, dict) and ("env" in raw or "file" in raw):
+        return secret_ref(raw, where, line, env, base, add)
     add(line, where, "use a string, {env: VAR} or {file: PATH}")
     return None
 
@@ -209,13 +186,8 @@ def _registries(raw: Any, line: int | None, env: Mapping[str, str], base: Path,
         username = value.get("username")
         if (username is None) != (value.get("password") is None):
             add(rline, where, "username and password go together")
-        ca_file = value.get("ca_file")
-        if ca_file is not None:
-            ca_path = (base / str(ca_file)).expanduser()
-            if not ca_path.is_file():
-                add(line_of(value, "ca_file") or rline, f"{where}.ca_file",
-                    f"no such file: {ca_path}")
-            ca_file = str(ca_path)
+        ca_file = existing_file(value.get("ca_file"), f"{where}.ca_file",
+                                line_of(value, "ca_file") or rline, base, add)
         out[name] = MirrorRegistry(
             name,
             None if username is None else str(username),
@@ -248,12 +220,7 @@ def _parents(raw: Any, line: int | None, env: Mapping[str, str], base: Path,
             add(iline, where, f"{url!r}: {e}")
             continue
         password = _secret(spec.get("password"), f"{where}.password", iline, env, base, add)
-        ca_file = spec.get("ca_file")
-        if ca_file is not None:
-            ca_path = (base / str(ca_file)).expanduser()
-            if not ca_path.is_file():
-                add(iline, f"{where}.ca_file", f"no such file: {ca_path}")
-            ca_file = str(ca_path)
+        ca_file = existing_file(spec.get("ca_file"), f"{where}.ca_file", iline, base, add)
         username = spec.get("username")
         out.append(MirrorParent(f"{scheme}://{rest}",
                                 None if username is None else str(username), password, ca_file))
@@ -271,10 +238,9 @@ def _tls(raw: Any, line: int | None, base: Path, add: Add) -> dict[str, str]:
         add(line_of(raw, k) or line, f"mirror.tls.{k}", "unknown key; known: cert, key")
     out = {}
     for key in ("cert", "key"):
-        path = (base / str(raw[key])).expanduser()
-        if not path.is_file():
-            add(line_of(raw, key) or line, f"mirror.tls.{key}", f"no such file: {path}")
-        out[f"tls_{key}"] = str(path)
+        path = existing_file(raw[key], f"mirror.tls.{key}", line_of(raw, key) or line, base, add)
+        if path is not None:
+            out[f"tls_{key}"] = path
     return out
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from fwdproxy.proto.oci import OCIError, Registry
 from fwdproxy.proxy import admission
 from fwdproxy.proxy.state import ServerState
 
-__all__ = ["VIA_HEADER", "BlobSink", "ManifestHead", "RoutedOpener", "SSLContexts", "Source",
+__all__ = ["VIA_HEADER", "BlobSink", "ManifestHead", "RoutedOpener", "Source",
            "UpstreamFetcher", "upstream_error"]
 
 logger = logging.getLogger("fwdproxy.mirror")
@@ -100,33 +98,6 @@ class RoutedOpener:
             raise FetchError(f"{e} (route {d.route})") from None
         logger.debug("mirror fetch %s:%d via %s (rule %s)", host, port, d.route, d.rule)
         return dialed, d.route
-
-
-class SSLContexts:
-    """Verified client TLS contexts: the system store (SSL_CERT_FILE honoured), or one with a
-    registry's own CA file added, built once each."""
-
-    def __init__(self) -> None:
-        self._default: ssl.SSLContext | None = None
-        self._by_ca: dict[str, ssl.SSLContext] = {}
-
-    def get(self, ca_file: str | None) -> ssl.SSLContext:
-        if ca_file is None:
-            if self._default is None:
-                self._default = _context(None)
-            return self._default
-        ctx = self._by_ca.get(ca_file)
-        if ctx is None:
-            ctx = self._by_ca[ca_file] = _context(ca_file)
-        return ctx
-
-
-def _context(ca_file: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
 
 
 class BlobSink(Protocol):
