@@ -431,7 +431,7 @@ class Mirror:
         if request.method == "HEAD" and head.size is not None and head.media_type:
             cached_body = self._cached_manifest(head.digest)
             if cached_body is None:
-                resp = web.StreamResponse(status=200, headers=_manifest_headers(
+                resp = web.StreamResponse(status=200, headers=_content_headers(
                     mreq, head.digest, head.media_type, "miss"))
                 resp.content_length = head.size
                 return resp
@@ -639,31 +639,9 @@ def _error(e: OCIError, mreq: MirrorRequest | None = None) -> web.Response:
     return resp
 
 
-def _blob_headers(mreq: MirrorRequest, digest: Digest, state: str) -> dict[str, str]:
-    headers = {
-        "Content-Type": "application/octet-stream",
-        "Docker-Content-Digest": str(digest),
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "max-age=31536000",
-        "ETag": f'"{digest}"',
-        API_VERSION[0]: API_VERSION[1],
-        CACHE_HEADER: state,
-    }
-    if mreq.addressing is Addressing.NS:
-        headers["OCI-Namespace"] = mreq.registry.name
-    return headers
-
-
-def _blob_head(mreq: MirrorRequest, digest: Digest, size: int | None,
-               state: str) -> web.StreamResponse:
-    resp = web.StreamResponse(status=200, headers=_blob_headers(mreq, digest, state))
-    if size is not None:
-        resp.content_length = size
-    return resp
-
-
-def _manifest_headers(mreq: MirrorRequest, digest: Digest, media_type: str,
-                      state: str) -> dict[str, str]:
+def _content_headers(mreq: MirrorRequest, digest: Digest, media_type: str,
+                     state: str) -> dict[str, str]:
+    """What every manifest and blob answer carries (HEAD included)."""
     headers = {
         "Content-Type": media_type,
         "Docker-Content-Digest": str(digest),
@@ -676,9 +654,24 @@ def _manifest_headers(mreq: MirrorRequest, digest: Digest, media_type: str,
     return headers
 
 
+def _blob_headers(mreq: MirrorRequest, digest: Digest, state: str) -> dict[str, str]:
+    headers = _content_headers(mreq, digest, "application/octet-stream", state)
+    headers["Accept-Ranges"] = "bytes"
+    headers["Cache-Control"] = "max-age=31536000"
+    return headers
+
+
+def _blob_head(mreq: MirrorRequest, digest: Digest, size: int | None,
+               state: str) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers=_blob_headers(mreq, digest, state))
+    if size is not None:
+        resp.content_length = size
+    return resp
+
+
 def _manifest_response(request: web.Request, mreq: MirrorRequest, digest: Digest, body: bytes,
                        media_type: str, state: str) -> web.StreamResponse:
-    headers = _manifest_headers(mreq, digest, media_type, state)
+    headers = _content_headers(mreq, digest, media_type, state)
     if request.method == "HEAD":
         resp = web.StreamResponse(status=200, headers=headers)
         resp.content_length = len(body)
